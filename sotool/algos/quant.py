@@ -1,0 +1,134 @@
+"""Uniform integer grids: fit scale/zero, quantize, dequantize, round-to-nearest.
+
+Conventions (those of the GPTQ checkpoint format): codes q are unsigned integers in
+[0, 2^b − 1]; a weight is dequantized as scale · (q − zero). Symmetric grids fix
+zero = 2^(b−1) (8 for 4-bit) and scale = 2·max|w| / (2^b − 1); asymmetric grids span
+[min(w, 0), max(w, 0)]. Groups are `group_size` consecutive input columns (the last
+group may be partial); group_size −1 means one group per output row (per channel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A quantization grid: bit-width, group size (−1 = per channel), symmetry."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, cols: int) -> int:
+        """Number of column groups for a layer with `cols` inputs."""
+        return 1 if self.group_size <= 0 else math.ceil(cols / self.group_size)
+
+    def group_cols(self, cols: int) -> int:
+        return cols if self.group_size <= 0 else self.group_size
+
+
+def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of w (rows × cols), over all its columns.
+
+    Returns:
+        scale (rows,) float32 > 0, zero (rows,) float32 holding integers.
+    """
+    w = w.float()
+    wmin = torch.clamp(w.min(dim=1).values, max=0)
+    wmax = torch.clamp(w.max(dim=1).values, min=0)
+    if spec.sym:
+        amax = torch.maximum(wmin.abs(), wmax)
+        scale = 2 * amax / spec.maxq
+        zero = torch.full_like(scale, float((spec.maxq + 1) // 2))
+    else:
+        scale = (wmax - wmin) / spec.maxq
+        zero = torch.round(-wmin / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    dead = scale <= 0
+    if dead.any():  # an all-zero row: any grid represents it; pick scale 1
+        scale = torch.where(dead, torch.ones_like(scale), scale)
+        if not spec.sym:
+            zero = torch.where(dead, torch.zeros_like(zero), zero)
+    return scale, zero
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> torch.Tensor:
+    """Integer codes clamp(round(w / scale) + zero, 0, maxq); scale/zero broadcast to w."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """scale · (q − zero)."""
+    return scale * (q - zero)
+
+
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> torch.Tensor:
+    """dequantize(quantize(w)): the nearest grid point, as a float tensor."""
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+@dataclass
+class QuantResult:
+    """A quantized weight matrix with everything needed to pack or dequantize it.
+
+    Attributes:
+        weight: dequantized weight (out × in), float32.
+        codes: integer codes (out × in), uint8.
+        scale: (out × groups) float32.
+        zero: (out × groups) float32 holding integers.
+        g_idx: (in,) int32: the group of each input column.
+    """
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+
+
+def rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
+    """Round-to-nearest with per-group min/max grids: the baseline for every method.
+
+    Args:
+        w: (out × in) weight.
+        spec: the grid.
+    """
+    w = w.float()
+    rows, cols = w.shape
+    gs = spec.group_cols(cols)
+    ng = spec.groups(cols)
+    scale = torch.empty(rows, ng)
+    zero = torch.empty(rows, ng)
+    codes = torch.empty(rows, cols)
+    for g in range(ng):
+        sl = slice(g * gs, min((g + 1) * gs, cols))
+        s, z = fit_qparams(w[:, sl], spec)
+        scale[:, g], zero[:, g] = s, z
+        codes[:, sl] = quantize(w[:, sl], s[:, None], z[:, None], spec.maxq)
+    g_idx = torch.arange(cols, dtype=torch.int32) // gs
+    return QuantResult(
+        weight=dequant_groups(codes, scale, zero, g_idx),
+        codes=codes.to(torch.uint8),
+        scale=scale,
+        zero=zero,
+        g_idx=g_idx,
+    )
+
+
+def dequant_groups(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """Dequantize codes (out × in) with per-group scale/zero (out × groups) and g_idx (in,)."""
+    gi = g_idx.long()
+    return scale[:, gi] * (codes.float() - zero[:, gi])

@@ -1,0 +1,1 @@
+"""Model loading, block discovery and the shared block-by-block calibration loop."""

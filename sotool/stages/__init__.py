@@ -1,0 +1,3 @@
+"""Built-in stages; importing this package registers them."""
+
+from sotool.stages import calibrate, evaluate, export, gptq, hessians, rtn  # noqa: F401

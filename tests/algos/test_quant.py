@@ -1,0 +1,46 @@
+import torch
+
+from sotool.algos.quant import QuantSpec, dequant_groups, fit_qparams, rtn
+
+
+def test_rtn_hand_computed_asymmetric():
+    # one row, 4 columns, 2-bit asymmetric per channel: grid spans [min(w,0), max(w,0)]
+    w = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    res = rtn(w, QuantSpec(bits=2, group_size=-1, sym=False))
+    # scale = (2 - (-1)) / 3 = 1, zero = round(1 / 1) = 1
+    assert torch.allclose(res.scale, torch.tensor([[1.0]]))
+    assert torch.equal(res.zero, torch.tensor([[1.0]]))
+    # codes = clamp(round(w) + 1, 0, 3) = [0, 1, 1 (0.5 rounds to even 0), 3]
+    assert res.codes.tolist() == [[0, 1, 1, 3]]
+    assert torch.allclose(res.weight, torch.tensor([[-1.0, 0.0, 0.0, 2.0]]))
+
+
+def test_rtn_hand_computed_symmetric_groups():
+    w = torch.tensor([[1.5, -3.0, 0.2, 0.1, 7.0]])
+    res = rtn(w, QuantSpec(bits=4, group_size=2, sym=True))
+    # three groups (last one partial): [1.5,-3], [0.2,0.1], [7]
+    assert res.scale.shape == (1, 3)
+    assert res.g_idx.tolist() == [0, 0, 1, 1, 2]
+    assert torch.allclose(res.scale[0], torch.tensor([6.0 / 15, 0.4 / 15, 14.0 / 15]))
+    assert torch.equal(res.zero, torch.full((1, 3), 8.0))
+    # -3.0 / 0.4 = -7.5 -> rounds to -8 -> code 0; 1.5 / 0.4 = 3.75 -> 4 -> code 12
+    assert res.codes[0, :2].tolist() == [12, 0]
+    assert res.codes[0, 4].item() == 15  # 7 / (14/15) = 7.5 -> 8 -> 16 clamps to 15
+
+
+def test_rtn_weight_is_dequantized_codes_and_error_bounded():
+    torch.manual_seed(0)
+    w = torch.randn(16, 96)
+    for spec in [QuantSpec(3, 32, False), QuantSpec(4, -1, True), QuantSpec(8, 64, True)]:
+        r = rtn(w, spec)
+        assert torch.equal(r.weight, dequant_groups(r.codes, r.scale, r.zero, r.g_idx))
+        assert int(r.codes.max()) <= spec.maxq
+        # asymmetric grids never clip: error at most half a step
+        if not spec.sym:
+            step = r.scale[:, r.g_idx.long()]
+            assert ((r.weight - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_zero_rows_get_unit_scale():
+    s, z = fit_qparams(torch.zeros(3, 8), QuantSpec(4, -1, False))
+    assert torch.equal(s, torch.ones(3)) and torch.equal(z, torch.zeros(3))
