@@ -58,8 +58,12 @@ def _guard(debug: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
     except Exception as e:  # noqa: BLE001
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {type(e).__name__}: {_first_line(e)} "
-                  "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] {type(e).__name__}: {_first_line(e)} "
+            "(rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
 
 
@@ -71,8 +75,9 @@ def _emit(obj: Any) -> None:
 @app.command()
 def compress(
     recipe: RecipeArg,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory "
-                                             "[default: runs/<recipe name>]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="run directory [default: runs/<recipe name>]")
+    ] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage")] = False,
@@ -97,8 +102,9 @@ def compress(
 
 
 @app.command()
-def validate(recipe: RecipeArg, set_: SetOpt = None, as_json: JsonOpt = False,
-             debug: DebugOpt = False) -> None:
+def validate(
+    recipe: RecipeArg, set_: SetOpt = None, as_json: JsonOpt = False, debug: DebugOpt = False
+) -> None:
     """Check a recipe (shape, stage params, model and data paths) without running it."""
     from sotool.pipeline import preflight
     from sotool.recipe import load_recipe
@@ -109,8 +115,10 @@ def validate(recipe: RecipeArg, set_: SetOpt = None, as_json: JsonOpt = False,
         return loaded.resolved()
 
     resolved = _guard(debug, go)
-    err.print(f"[green]ok[/]: {recipe} ({len(resolved['stages'])} stages: "
-              f"{', '.join(next(iter(s)) for s in resolved['stages'])})")
+    err.print(
+        f"[green]ok[/]: {recipe} ({len(resolved['stages'])} stages: "
+        f"{', '.join(next(iter(s)) for s in resolved['stages'])})"
+    )
     if as_json:
         _emit(resolved)
 
@@ -132,16 +140,23 @@ def stages(as_json: JsonOpt = False) -> None:
                 default = f.default_factory()
             else:
                 default = "(required)"
-            fields[fname] = {"type": _type_name(f.annotation), "default": default,
-                             "help": f.description or ""}
+            fields[fname] = {
+                "type": _type_name(f.annotation),
+                "default": default,
+                "help": f.description or "",
+            }
         data[name] = {"help": spec.help, "version": spec.version, "params": fields}
     if as_json:
         _emit(data)
         return
     con = Console(stderr=False)
     for name, d in data.items():
-        t = Table(title=f"[bold]{name}[/]: {d['help']}", title_justify="left",
-                  header_style="bold", show_edge=False)
+        t = Table(
+            title=f"[bold]{name}[/]: {d['help']}",
+            title_justify="left",
+            header_style="bold",
+            show_edge=False,
+        )
         t.add_column("param")
         t.add_column("type")
         t.add_column("default")
@@ -162,9 +177,12 @@ def _type_name(ann: Any) -> str:
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="run directory")],
-    sort: Annotated[str, typer.Option(help="column to sort layers by "
-                                      "(gptq_loss, rtn_loss, ratio, h_trace, seconds, layer)")]
-    = "gptq_loss",
+    sort: Annotated[
+        str,
+        typer.Option(
+            help="column to sort layers by (gptq_loss, rtn_loss, ratio, h_trace, seconds, layer)"
+        ),
+    ] = "gptq_loss",
     top: Annotated[int | None, typer.Option(help="show only the first N layers")] = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -181,8 +199,7 @@ def report(
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="model (HF id, dir, .gguf, demo name) or run dir")],
-    data: Annotated[str, typer.Option(help="text source: file, .jsonl, hf:NAME, pydoc")]
-    = "pydoc",
+    data: Annotated[str, typer.Option(help="text source: file, .jsonl, hf:NAME, pydoc")] = "pydoc",
     windows: Annotated[int, typer.Option(help="number of windows")] = 40,
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 512,
     span: Annotated[str, typer.Option(help="start,end fractions of the token stream")] = "0,1",
@@ -198,8 +215,15 @@ def eval_(
             a, b = (float(x) for x in span.split(","))
         except ValueError as e:
             raise SotoolError(f"--span {span!r}: expected START,END fractions, e.g. 0.9,1") from e
-        return evaluate_target(target, data=data, windows=windows, seqlen=seqlen,
-                               span=(a, b), device=device, console=err)
+        return evaluate_target(
+            target,
+            data=data,
+            windows=windows,
+            seqlen=seqlen,
+            span=(a, b),
+            device=device,
+            console=err,
+        )
 
     res = _guard(debug, go)
     err.print(f"perplexity {res['ppl']:.4f} on {res['windows']} windows × {seqlen} tokens")

@@ -43,20 +43,19 @@ def perplexity(
         if on_batch:
             on_batch(ids.shape[0])
     mean = total / max(count, 1)
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count,
-            "windows": int(windows.shape[0])}
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": int(windows.shape[0])}
 
 
 @torch.no_grad()
-def hidden_states(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
-                  device: torch.device | str) -> list[torch.Tensor]:
+def hidden_states(
+    model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device | str
+) -> list[torch.Tensor]:
     """Last hidden states (per batch) of an encoder."""
     model.to(device)
     outs = []
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size].to(device)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                    output_hidden_states=True)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
         outs.append(out.hidden_states[-1].float().cpu())
     return outs
 

@@ -224,16 +224,23 @@ class Runner:
         """Run every stage not yet done; returns the run's result."""
         stale = self.rundir.clean_stale()
         if stale:
-            self.console.print(f"[yellow]removed {len(stale)} unfinished stage folder(s) "
-                               "from an interrupted run[/]")
+            self.console.print(
+                f"[yellow]removed {len(stale)} unfinished stage folder(s) "
+                "from an interrupted run[/]"
+            )
         plan = self.plan()
         manifest = {
             "recipe": self.loaded.resolved(),
             "recipe_file": self.loaded.source,
             "model": {"spec": self.ref.spec, "kind": self.ref.kind, "path": self.ref.path},
             "stages": [
-                {"index": e.index, "name": e.name, "key": k,
-                 "dir": f"stages/{RunDir.folder_name(e.name, k)}", "status": "pending"}
+                {
+                    "index": e.index,
+                    "name": e.name,
+                    "key": k,
+                    "dir": f"stages/{RunDir.folder_name(e.name, k)}",
+                    "status": "pending",
+                }
                 for e, k in plan
             ],
         }
@@ -256,20 +263,36 @@ class Runner:
                         f"[dim]{entry.name}: {'done' if status == 'skipped' else 'reused'} "
                         f"({key[:12]})[/]"
                     )
-                mstage.update(status="done", action=status, seconds=rec.get("seconds"),
-                              started=rec.get("started"), finished=rec.get("finished"))
+                mstage.update(
+                    status="done",
+                    action=status,
+                    seconds=rec.get("seconds"),
+                    started=rec.get("started"),
+                    finished=rec.get("finished"),
+                )
                 self.rundir.save_manifest(manifest)
                 srec = StageRecord(entry.name, key, self.rundir.stage_dir(entry.name, key), rec)
                 upstream.append(srec)
-                results.append({"index": entry.index, "name": entry.name, "key": key,
-                                "action": status, "seconds": rec.get("seconds"),
-                                "summary": rec.get("summary", {})})
+                results.append(
+                    {
+                        "index": entry.index,
+                        "name": entry.name,
+                        "key": key,
+                        "action": status,
+                        "seconds": rec.get("seconds"),
+                        "summary": rec.get("summary", {}),
+                    }
+                )
         self._progress = None
         return {"run_dir": str(self.rundir.root), "version": __version__, "stages": results}
 
     def _run_stage(
-        self, entry: StageEntry, key: str, upstream: list[StageRecord],
-        mstage: dict[str, Any], manifest: dict[str, Any],
+        self,
+        entry: StageEntry,
+        key: str,
+        upstream: list[StageRecord],
+        mstage: dict[str, Any],
+        manifest: dict[str, Any],
     ) -> dict[str, Any]:
         started = time.time()
         mstage.update(status="running", started=started)
@@ -288,11 +311,17 @@ class Runner:
                 self.session.adopt(key)
             seconds = time.perf_counter() - t0
             rec = {
-                "name": entry.name, "key": key, "status": "done", "version": entry.spec.version,
+                "name": entry.name,
+                "key": key,
+                "status": "done",
+                "version": entry.spec.version,
                 "params": entry.params.model_dump(mode="json"),
                 "modifies_weights": entry.spec.modifies_weights,
-                "seconds": round(seconds, 3), "started": started, "finished": time.time(),
-                "summary": summary, "tool_version": __version__,
+                "seconds": round(seconds, 3),
+                "started": started,
+                "finished": time.time(),
+                "summary": summary,
+                "tool_version": __version__,
             }
             _fault_point(entry.name)
             write_json(tmp / "stage.json", rec)
@@ -339,7 +368,6 @@ def load_run(run_dir: str | Path) -> tuple[RunDir, dict[str, Any], list[StageRec
     return rd, manifest, recs
 
 
-
 def preflight(loaded: LoadedRecipe) -> None:
     """Checks that need no model load: model path, data files, device."""
     from sotool.calib.sources import check_source
@@ -355,8 +383,16 @@ def preflight(loaded: LoadedRecipe) -> None:
             check_source(data, f"{loaded.source}: stages[{e.index}].{e.name}.data")
 
 
-def evaluate_target(target: str, *, data: str, windows: int, seqlen: int,
-                    span: tuple[float, float], device: str, console: Console) -> dict[str, Any]:
+def evaluate_target(
+    target: str,
+    *,
+    data: str,
+    windows: int,
+    seqlen: int,
+    span: tuple[float, float],
+    device: str,
+    console: Console,
+) -> dict[str, Any]:
     """Perplexity of a model reference or of a run directory's final weights."""
     from sotool.calib.sources import check_source
     from sotool.evaluation import perplexity
@@ -377,6 +413,5 @@ def evaluate_target(target: str, *, data: str, windows: int, seqlen: int,
     w = eval_windows(params, session.tokenizer(), "--data")
     with make_progress(console) as progress:
         task = _Task(progress, "evaluate", w.shape[0])
-        res = perplexity(model, w, batch_size=4, device=pick_device(device),
-                         on_batch=task.advance)
+        res = perplexity(model, w, batch_size=4, device=pick_device(device), on_batch=task.advance)
     return {"target": target, **res}

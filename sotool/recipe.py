@@ -69,7 +69,9 @@ class Recipe(Strict):
     def _one_key(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for i, entry in enumerate(v):
             if len(entry) != 1:
-                raise ValueError(f"entry {i} must be one 'name: {{params}}' pair, got {list(entry)}")
+                raise ValueError(
+                    f"entry {i} must be one 'name: {{params}}' pair, got {list(entry)}"
+                )
         return v
 
 

@@ -40,9 +40,12 @@ def collect_run(run_dir: str | Path) -> dict[str, Any]:
     _, manifest, recs = load_run(run_dir)
     stages = []
     for r in recs:
-        entry: dict[str, Any] = {"name": r.name, "key": r.key[:16],
-                                 "seconds": r.meta.get("seconds"),
-                                 "summary": r.meta.get("summary", {})}
+        entry: dict[str, Any] = {
+            "name": r.name,
+            "key": r.key[:16],
+            "seconds": r.meta.get("seconds"),
+            "summary": r.meta.get("summary", {}),
+        }
         layers = r.dir / "layers.json"
         if layers.exists():
             entry["layers"] = read_json(layers)
@@ -59,19 +62,29 @@ def _fmt(v: Any, f: str) -> str:
         return str(v)
 
 
-def layer_table(rows: list[dict[str, Any]], title: str, sort: str | None, top: int | None,
-                descending: bool = True) -> Table:
+def layer_table(
+    rows: list[dict[str, Any]],
+    title: str,
+    sort: str | None,
+    top: int | None,
+    descending: bool = True,
+) -> Table:
     cols = [c for c in LAYER_COLUMNS if any(c in r for r in rows)]
     if sort:
-        rows = sorted(rows, key=lambda r: (r.get(sort) is None, r.get(sort) or 0),
-                      reverse=descending)
+        rows = sorted(
+            rows, key=lambda r: (r.get(sort) is None, r.get(sort) or 0), reverse=descending
+        )
         rows = sorted(rows, key=lambda r: r.get(sort) is None)
     shown = rows[:top] if top else rows
     t = Table(title=title, header_style="bold", pad_edge=False, expand=False)
     for c in cols:
         head = LAYER_COLUMNS[c][0]
-        t.add_column(head, justify="left" if c in ("layer", "shape") else "right",
-                     no_wrap=c == "layer", overflow="ellipsis")
+        t.add_column(
+            head,
+            justify="left" if c in ("layer", "shape") else "right",
+            no_wrap=c == "layer",
+            overflow="ellipsis",
+        )
     for r in shown:
         vals = []
         for c in cols:
@@ -107,8 +120,20 @@ def summarize(name: str, s: dict[str, Any]) -> str:
         return txt
     if s.get("kind") == "fidelity":
         return f"cosine {s['cosine']:.5f}, rel L2 {s['rel_l2']:.4f}"
-    keys = ["bits", "group_size", "sym", "act_order", "hessians", "ratio", "samples",
-            "seqlen", "source", "layers", "format", "bytes"]
+    keys = [
+        "bits",
+        "group_size",
+        "sym",
+        "act_order",
+        "hessians",
+        "ratio",
+        "samples",
+        "seqlen",
+        "source",
+        "layers",
+        "format",
+        "bytes",
+    ]
     parts = []
     for k in keys:
         if k in s and s[k] is not None:
@@ -117,8 +142,9 @@ def summarize(name: str, s: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def print_report(run_dir: str | Path, console: Console, sort: str | None = "gptq_loss",
-                 top: int | None = None) -> dict[str, Any]:
+def print_report(
+    run_dir: str | Path, console: Console, sort: str | None = "gptq_loss", top: int | None = None
+) -> dict[str, Any]:
     data = collect_run(run_dir)
     for s in data["stages"]:
         rows = s.get("layers")
@@ -126,15 +152,16 @@ def print_report(run_dir: str | Path, console: Console, sort: str | None = "gptq
             continue
         key = sort if sort and any(sort in r for r in rows) else None
         if key is None:
-            key = next((k for k in ("gptq_loss", "rtn_loss", "weight_mse") if k in rows[0]),
-                       None)
+            key = next((k for k in ("gptq_loss", "rtn_loss", "weight_mse") if k in rows[0]), None)
         console.print(layer_table(rows, f"{s['name']} ({s['key'][:12]}): per layer", key, top))
         tot = {k: sum(r[k] for r in rows if k in r) for k in ("gptq_loss", "rtn_loss")}
         if tot["rtn_loss"]:
             msg = f"total rtn loss {tot['rtn_loss']:.4g}"
             if tot["gptq_loss"]:
-                msg = (f"total gptq loss {tot['gptq_loss']:.4g}, {msg}, "
-                       f"ratio {tot['gptq_loss'] / tot['rtn_loss']:.3f}")
+                msg = (
+                    f"total gptq loss {tot['gptq_loss']:.4g}, {msg}, "
+                    f"ratio {tot['gptq_loss'] / tot['rtn_loss']:.3f}"
+                )
             console.print(msg)
     console.print(totals_table(data))
     return data

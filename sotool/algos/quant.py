@@ -59,9 +59,7 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return scale, zero
 
 
-def quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
-) -> torch.Tensor:
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes clamp(round(w / scale) + zero, 0, maxq); scale/zero broadcast to w."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 

@@ -56,7 +56,9 @@ def check_source(source: str, what: str) -> None:
         with p.open("rb") as f:
             f.read(1)
     except OSError as e:
-        raise SotoolError(f"{what}: cannot read {source!r} ({e.strerror}); check permissions") from e
+        raise SotoolError(
+            f"{what}: cannot read {source!r} ({e.strerror}); check permissions"
+        ) from e
 
 
 def pydoc_text() -> str:
@@ -167,7 +169,11 @@ def random_tokens(n: int, seqlen: int, vocab: int, seed: int, exclude: set[int])
 
 
 def generated_tokens(
-    model: torch.nn.Module, n: int, seqlen: int, seed: int, start_id: int | None,
+    model: torch.nn.Module,
+    n: int,
+    seqlen: int,
+    seed: int,
+    start_id: int | None,
     batch_size: int = 16,
 ) -> torch.Tensor:
     """Text sampled from a causal LM (temperature 1, seeded): (n, seqlen) int64."""
@@ -181,8 +187,13 @@ def generated_tokens(
             first = torch.randint(0, vocab, (b, 1))
         with torch.no_grad():
             seq = model.generate(
-                first, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                first,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=seqlen - 1,
+                min_new_tokens=seqlen - 1,
                 pad_token_id=start_id if start_id is not None else 0,
             )
         out.append(seq[:, :seqlen])

@@ -171,9 +171,7 @@ def capture_inputs(
 class BlockRunner:
     """One block during the loop: run it over every batch, with hooks, as often as needed."""
 
-    def __init__(
-        self, index: int, prefix: str, block: nn.Module, inputs: BlockInputs
-    ) -> None:
+    def __init__(self, index: int, prefix: str, block: nn.Module, inputs: BlockInputs) -> None:
         self.index = index
         self.prefix = prefix
         self.block = block

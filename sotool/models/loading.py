@@ -66,7 +66,9 @@ def resolve_model(spec: str) -> ModelRef:
         return ModelRef(spec, "gguf", str(p.resolve()), _file_fp(p))
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise SotoolError(f"model: directory {spec!r} has no config.json; not a model directory")
+            raise SotoolError(
+                f"model: directory {spec!r} has no config.json; not a model directory"
+            )
         fp = {"config": _file_fp(p / "config.json")}
         for w in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
             fp[w.name] = _file_fp(w)
@@ -152,9 +154,7 @@ def load_model(ref: ModelRef, dtype: str = "float32") -> torch.nn.Module:
     last: Exception | None = None
     for cls in classes:
         try:
-            model = cls.from_pretrained(
-                src, dtype=getattr(torch, dtype), local_files_only=True
-            )
+            model = cls.from_pretrained(src, dtype=getattr(torch, dtype), local_files_only=True)
             model.eval()
             return model
         except (ValueError, KeyError) as e:

@@ -37,8 +37,10 @@ class CalibrateParams(Strict):
 
     def fingerprint(self, recipe: Recipe) -> dict[str, Any]:
         cfg = self.effective(recipe)
-        return {"calibration": cfg.model_dump(mode="json", exclude={"batch_size"}),
-                "data": sources.source_fingerprint(cfg.source)}
+        return {
+            "calibration": cfg.model_dump(mode="json", exclude={"batch_size"}),
+            "data": sources.source_fingerprint(cfg.source),
+        }
 
 
 def calibration_windows(ctx: Any, cfg: CalibrationConfig, what: str) -> torch.Tensor:
@@ -74,10 +76,12 @@ def run(ctx: Any, params: CalibrateParams) -> dict[str, Any]:
     cfg = params.effective(ctx.recipe)
     tokens = calibration_windows(ctx, cfg, "calibration.source")
     save_file({"input_ids": tokens.contiguous()}, str(ctx.out_dir / "tokens.safetensors"))
-    info = {"source": cfg.source, "samples": int(tokens.shape[0]),
-            "seqlen": int(tokens.shape[1]), "span": list(cfg.span)}
+    info = {
+        "source": cfg.source,
+        "samples": int(tokens.shape[0]),
+        "seqlen": int(tokens.shape[1]),
+        "span": list(cfg.span),
+    }
     write_json(ctx.out_dir / "calibration.json", info)
-    ctx.console.print(
-        f"  {tokens.shape[0]} windows × {tokens.shape[1]} tokens from {cfg.source}"
-    )
+    ctx.console.print(f"  {tokens.shape[0]} windows × {tokens.shape[1]} tokens from {cfg.source}")
     return info

@@ -42,29 +42,34 @@ class EvaluateParams(Strict):
         return {"data": sources.source_fingerprint(self.data)}
 
 
-def eval_windows(params: EvaluateParams, tokenizer: Any, what: str = "evaluate.data"
-                 ) -> torch.Tensor:
+def eval_windows(
+    params: EvaluateParams, tokenizer: Any, what: str = "evaluate.data"
+) -> torch.Tensor:
     if params.data in ("random", "generate"):
         raise SotoolError(f"{what}: evaluate needs real text, not {params.data!r}")
     if tokenizer is None:
         raise SotoolError(f"{what}: the model has no tokenizer; cannot evaluate on text")
     text = sources.read_text(params.data, params.field, what)
     stream = sources.span_of(sources.tokenize_stream(text, tokenizer), params.span)
-    return sources.consecutive_windows(stream, params.windows, params.seqlen, what,
-                                       params.from_end)
+    return sources.consecutive_windows(stream, params.windows, params.seqlen, what, params.from_end)
 
 
-def score(model: torch.nn.Module, windows: torch.Tensor, params: EvaluateParams,
-          ctx: Any, label: str) -> dict[str, Any]:
+def score(
+    model: torch.nn.Module, windows: torch.Tensor, params: EvaluateParams, ctx: Any, label: str
+) -> dict[str, Any]:
     with ctx.progress(f"evaluate: {label}", windows.shape[0]) as bar:
-        res = perplexity(model, windows, batch_size=params.batch_size, device=ctx.device,
-                         on_batch=bar.advance)
+        res = perplexity(
+            model, windows, batch_size=params.batch_size, device=ctx.device, on_batch=bar.advance
+        )
     model.to("cpu")
     return res
 
 
-@register_stage("evaluate", EvaluateParams,
-                help="perplexity on held-out text beside the original's (encoders: fidelity)")
+@register_stage(
+    "evaluate",
+    EvaluateParams,
+    help="perplexity on held-out text beside the original's (encoders: fidelity)",
+)
 def run(ctx: Any, params: EvaluateParams) -> dict[str, Any]:
     tok = ctx.tokenizer()
     windows = eval_windows(params, tok)
@@ -75,8 +80,9 @@ def run(ctx: Any, params: EvaluateParams) -> dict[str, Any]:
         mine = hidden_states(model, windows, params.batch_size, ctx.device)
         model.to("cpu")
         out = {"kind": "fidelity", **fidelity(ref, mine), "windows": int(windows.shape[0])}
-        ctx.console.print(f"  cosine to original {out['cosine']:.5f}, "
-                          f"relative L2 {out['rel_l2']:.4f}")
+        ctx.console.print(
+            f"  cosine to original {out['cosine']:.5f}, relative L2 {out['rel_l2']:.4f}"
+        )
         write_json(ctx.out_dir / "eval.json", out)
         return out
     out: dict[str, Any] = {"kind": "perplexity", **score(model, windows, params, ctx, "model")}
@@ -92,11 +98,15 @@ def run(ctx: Any, params: EvaluateParams) -> dict[str, Any]:
     return out
 
 
-def baseline_perplexity(ctx: Any, windows: torch.Tensor, params: EvaluateParams
-                        ) -> dict[str, Any]:
+def baseline_perplexity(ctx: Any, windows: torch.Tensor, params: EvaluateParams) -> dict[str, Any]:
     """The original model's perplexity on the same windows, cached across runs."""
-    key = content_key({"model": ctx.runner.ref.fingerprint, "dtype": ctx.recipe.dtype,
-                       "windows": content_key(windows.tolist())})
+    key = content_key(
+        {
+            "model": ctx.runner.ref.fingerprint,
+            "dtype": ctx.recipe.dtype,
+            "windows": content_key(windows.tolist()),
+        }
+    )
     path = cache_root() / "baseline" / f"{key[:24]}.json"
     if path.exists():
         return read_json(path)

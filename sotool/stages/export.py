@@ -39,8 +39,10 @@ class ExportParams(Strict):
 
 
 def upstream_summary(ctx: Any) -> list[dict[str, Any]]:
-    return [{"stage": r.name, "key": r.key[:16], "summary": r.meta.get("summary", {})}
-            for r in ctx.upstream]
+    return [
+        {"stage": r.name, "key": r.key[:16], "summary": r.meta.get("summary", {})}
+        for r in ctx.upstream
+    ]
 
 
 def write_dense(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str) -> None:
@@ -54,15 +56,31 @@ def write_dense(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str) -
 
 
 def model_card(ctx: Any, fmt: str) -> str:
-    lines = [f"# Compressed with sotool {__version__}", "",
-             f"Base model: `{ctx.recipe.model}`. Format: `{fmt}`.", "", "## Stages", ""]
+    lines = [
+        f"# Compressed with sotool {__version__}",
+        "",
+        f"Base model: `{ctx.recipe.model}`. Format: `{fmt}`.",
+        "",
+        "## Stages",
+        "",
+    ]
     for r in ctx.upstream:
         s = r.meta.get("summary", {})
-        brief = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in s.items() if not isinstance(v, dict | list))
+        brief = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in s.items()
+            if not isinstance(v, dict | list)
+        )
         lines.append(f"- `{r.name}`: {brief}")
-    lines += ["", "## Recipe", "", "```yaml",
-              yaml.safe_dump(ctx.runner.loaded.resolved(), sort_keys=False).rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(ctx.runner.loaded.resolved(), sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -72,9 +90,11 @@ def run(ctx: Any, params: ExportParams) -> dict[str, Any]:
     out = ctx.out_dir / "model"
     write_dense(model, ctx.tokenizer(), out, params.dtype)
     (out / "sotool_recipe.yaml").write_text(
-        yaml.safe_dump(ctx.runner.loaded.resolved(), sort_keys=False))
-    write_json(out / "sotool_summary.json", {"version": __version__,
-                                             "stages": upstream_summary(ctx)})
+        yaml.safe_dump(ctx.runner.loaded.resolved(), sort_keys=False)
+    )
+    write_json(
+        out / "sotool_summary.json", {"version": __version__, "stages": upstream_summary(ctx)}
+    )
     (out / "README.md").write_text(model_card(ctx, params.format))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     final = ctx.runner.rundir.stage_dir("export", ctx.key) / "model"

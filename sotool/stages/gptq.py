@@ -55,15 +55,20 @@ def _split(res: GPTQResult, sizes: list[int]) -> list[QuantResult]:
     out, start = [], 0
     for n in sizes:
         sl = slice(start, start + n)
-        out.append(QuantResult(res.weight[sl], res.codes[sl], res.scale[sl], res.zero[sl],
-                               res.g_idx))
+        out.append(
+            QuantResult(res.weight[sl], res.codes[sl], res.scale[sl], res.zero[sl], res.g_idx)
+        )
         start += n
     return out
 
 
 def solve_shared(
-    layers: dict[str, torch.nn.Module], h_sum: torch.Tensor, count: int, spec: QuantSpec,
-    params: GPTQParams, keep: dict[str, torch.Tensor] | None = None,
+    layers: dict[str, torch.nn.Module],
+    h_sum: torch.Tensor,
+    count: int,
+    spec: QuantSpec,
+    params: GPTQParams,
+    keep: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, QuantResult], list[dict[str, Any]]]:
     """GPTQ for layers that share one input (and so one Hessian) and one grid: their
     rows are stacked and solved together (rows are independent given H)."""
@@ -75,8 +80,16 @@ def solve_shared(
     mask = None
     if keep is not None:
         mask = torch.cat([keep[n].to(h.device) for n in names], dim=0)
-    res = gptq(w, h, spec, block_size=params.block_size, damp=params.damp,
-               act_order=params.act_order, static_groups=params.static_groups, keep=mask)
+    res = gptq(
+        w,
+        h,
+        spec,
+        block_size=params.block_size,
+        damp=params.damp,
+        act_order=params.act_order,
+        static_groups=params.static_groups,
+        keep=mask,
+    )
     parts = _split(res, [x.shape[0] for x in ws])
     seconds = time.perf_counter() - t0
     total_rows = w.shape[0]
@@ -86,19 +99,31 @@ def solve_shared(
         base = rtn(wi * keep[n].to(wi.device) if keep is not None else wi, spec)
         g_err = layer_error(wi, qi.weight, h)
         r_err = layer_error(wi, base.weight, h)
-        rows.append({
-            "layer": n, "shape": list(wi.shape), "bits": spec.bits,
-            "group_size": spec.group_size, "sym": spec.sym, "h_trace": trace,
-            "tokens": count, "gptq_loss": g_err, "rtn_loss": r_err,
-            "ratio": g_err / r_err if r_err > 0 else (1.0 if g_err == 0 else math.inf),
-            "damp": res.damp, "retries": res.retries, "fallback": res.fallback,
-            "dead": res.dead, "seconds": seconds * wi.shape[0] / total_rows,
-        })
+        rows.append(
+            {
+                "layer": n,
+                "shape": list(wi.shape),
+                "bits": spec.bits,
+                "group_size": spec.group_size,
+                "sym": spec.sym,
+                "h_trace": trace,
+                "tokens": count,
+                "gptq_loss": g_err,
+                "rtn_loss": r_err,
+                "ratio": g_err / r_err if r_err > 0 else (1.0 if g_err == 0 else math.inf),
+                "damp": res.damp,
+                "retries": res.retries,
+                "fallback": res.fallback,
+                "dead": res.dead,
+                "seconds": seconds * wi.shape[0] / total_rows,
+            }
+        )
     return dict(zip(names, parts, strict=True)), rows
 
 
-def _bucket(names: list[str], key_of: dict[str, str], params: GPTQParams
-            ) -> dict[tuple[str, QuantSpec], list[str]]:
+def _bucket(
+    names: list[str], key_of: dict[str, str], params: GPTQParams
+) -> dict[tuple[str, QuantSpec], list[str]]:
     groups: dict[tuple[str, QuantSpec], list[str]] = defaultdict(list)
     for n in names:
         spec = params.spec_for(n)
@@ -110,13 +135,20 @@ def _bucket(names: list[str], key_of: dict[str, str], params: GPTQParams
 def _report(ctx: Any, rows: list[dict[str, Any]]) -> None:
     retried = [r for r in rows if r["retries"] > 0 or r["fallback"]]
     for r in retried:
-        what = "rounded to nearest (no damping worked)" if r["fallback"] else (
-            f"damping raised to λ={r['damp']:g} after {r['retries']} Cholesky failure(s)")
+        what = (
+            "rounded to nearest (no damping worked)"
+            if r["fallback"]
+            else (f"damping raised to λ={r['damp']:g} after {r['retries']} Cholesky failure(s)")
+        )
         ctx.console.print(f"  [yellow]{r['layer']}: {what}[/]")
 
 
-@register_stage("gptq", GPTQParams, help="GPTQ quantization (Hessian cache or sequential)",
-                modifies_weights=True)
+@register_stage(
+    "gptq",
+    GPTQParams,
+    help="GPTQ quantization (Hessian cache or sequential)",
+    modifies_weights=True,
+)
 def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
     model = ctx.model()
     store = QuantStore()
@@ -134,8 +166,7 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
             for (_key, spec), names in buckets.items():
                 s, n = hs.get(names[0])
                 s = s.to(ctx.device)
-                results, r = solve_shared({x: layers[x] for x in names}, s, n, spec, params,
-                                          keep)
+                results, r = solve_shared({x: layers[x] for x in names}, s, n, spec, params, keep)
                 _commit(ctx, layers, results, store, spec)
                 rows += r
                 bar.advance()
@@ -154,8 +185,14 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                     acc = collect(runner, group, early_stop=True)
                     for (key, spec), names in _bucket(group, acc.alias, params).items():
                         hsum = acc.sums[key]
-                        results, r = solve_shared({x: runner.layers[x] for x in names},
-                                                  hsum.sum, hsum.count, spec, params, keep)
+                        results, r = solve_shared(
+                            {x: runner.layers[x] for x in names},
+                            hsum.sum,
+                            hsum.count,
+                            spec,
+                            params,
+                            keep,
+                        )
                         _commit(ctx, runner.layers, results, store, spec)
                         rows += r
                 bar.advance()
@@ -165,17 +202,28 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
     g = sum(r["gptq_loss"] for r in rows)
     rt = sum(r["rtn_loss"] for r in rows)
     return {
-        "layers": len(rows), "bits": params.bits, "group_size": params.group_size,
-        "sym": params.sym, "act_order": params.act_order, "hessians": params.hessians,
-        "gptq_loss": g, "rtn_loss": rt, "ratio": g / rt if rt > 0 else None,
+        "layers": len(rows),
+        "bits": params.bits,
+        "group_size": params.group_size,
+        "sym": params.sym,
+        "act_order": params.act_order,
+        "hessians": params.hessians,
+        "gptq_loss": g,
+        "rtn_loss": rt,
+        "ratio": g / rt if rt > 0 else None,
         "retried_layers": sum(1 for r in rows if r["retries"] > 0),
         "fallback_layers": sum(1 for r in rows if r["fallback"]),
         "solve_seconds": round(time.perf_counter() - t_all, 3),
     }
 
 
-def _commit(ctx: Any, layers: dict[str, torch.nn.Module], results: dict[str, QuantResult],
-            store: QuantStore, spec: QuantSpec) -> None:
+def _commit(
+    ctx: Any,
+    layers: dict[str, torch.nn.Module],
+    results: dict[str, QuantResult],
+    store: QuantStore,
+    spec: QuantSpec,
+) -> None:
     new = {}
     for name, res in results.items():
         mod = layers[name]

@@ -57,8 +57,9 @@ class SharedInputAccumulator:
         return self.sums[self.alias[name]]
 
 
-def collect(runner: BlockRunner, names: list[str], keep_outputs: bool = False,
-            early_stop: bool = False) -> SharedInputAccumulator:
+def collect(
+    runner: BlockRunner, names: list[str], keep_outputs: bool = False, early_stop: bool = False
+) -> SharedInputAccumulator:
     """Run the block once over all batches accumulating the Hessians of `names`."""
     acc = SharedInputAccumulator()
 
@@ -66,8 +67,12 @@ def collect(runner: BlockRunner, names: list[str], keep_outputs: bool = False,
         acc(name, mod, x)
 
     hooks = dict.fromkeys(names, hook)
-    runner.forward(hooks, stop_after=set(names) if early_stop and not keep_outputs else None,
-                   keep_outputs=keep_outputs, on_batch=acc.reset_batch)
+    runner.forward(
+        hooks,
+        stop_after=set(names) if early_stop and not keep_outputs else None,
+        keep_outputs=keep_outputs,
+        on_batch=acc.reset_batch,
+    )
     acc.reset_batch()
     return acc
 
@@ -96,8 +101,11 @@ class HessiansParams(Strict):
     """Accumulate layer Hessians on the model as the previous stages left it."""
 
 
-@register_stage("hessians", HessiansParams,
-                help="collect Σxxᵀ of every block layer's inputs (one calibration pass)")
+@register_stage(
+    "hessians",
+    HessiansParams,
+    help="collect Σxxᵀ of every block layer's inputs (one calibration pass)",
+)
 def run(ctx: Any, params: HessiansParams) -> dict[str, Any]:
     model = ctx.model()
     tokens = ctx.calibration_tokens()
@@ -113,9 +121,16 @@ def run(ctx: Any, params: HessiansParams) -> dict[str, Any]:
             save_file({k: v.sum.cpu() for k, v in acc.sums.items()}, str(ctx.out_dir / fname))
             for name in runner.layers:
                 key = acc.alias[name]
-                index[name] = {"file": fname, "key": key, "count": acc.sums[key].count,
-                               "dim": acc.sums[key].sum.shape[0]}
+                index[name] = {
+                    "file": fname,
+                    "key": key,
+                    "count": acc.sums[key].count,
+                    "dim": acc.sums[key].sum.shape[0],
+                }
             bar.advance()
     write_json(ctx.out_dir / "index.json", index)
-    return {"layers": len(index), "tokens": int(tokens.numel()),
-            "matrices": len({(v["file"], v["key"]) for v in index.values()})}
+    return {
+        "layers": len(index),
+        "tokens": int(tokens.numel()),
+        "matrices": len({(v["file"], v["key"]) for v in index.values()}),
+    }

@@ -23,8 +23,9 @@ class RTNParams(QuantParams):
     """Round-to-nearest on a uniform grid (min/max per group)."""
 
 
-@register_stage("rtn", RTNParams, help="round-to-nearest quantization (baseline)",
-                modifies_weights=True)
+@register_stage(
+    "rtn", RTNParams, help="round-to-nearest quantization (baseline)", modifies_weights=True
+)
 def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
     model = ctx.model()
     layers = target_layers(model)
@@ -43,8 +44,11 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
             w = weight_matrix(mod).detach().float()
             res = rtn(w, spec)
             row: dict[str, Any] = {
-                "layer": name, "shape": list(w.shape), "bits": spec.bits,
-                "group_size": spec.group_size, "sym": spec.sym,
+                "layer": name,
+                "shape": list(w.shape),
+                "bits": spec.bits,
+                "group_size": spec.group_size,
+                "sym": spec.sym,
                 "weight_mse": float((res.weight - w).pow(2).mean()),
             }
             if hstore is not None and name in hstore:
@@ -61,5 +65,9 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
     ctx.set_weights(new)
     store.save(ctx.out_dir)
     write_json(ctx.out_dir / "layers.json", rows)
-    return {"layers": len(rows), "bits": params.bits, "group_size": params.group_size,
-            "sym": params.sym}
+    return {
+        "layers": len(rows),
+        "bits": params.bits,
+        "group_size": params.group_size,
+        "sym": params.sym,
+    }

@@ -4,8 +4,13 @@ import torch
 from sotool.algos.gptq import gptq, layer_error
 from sotool.algos.quant import QuantSpec, rtn
 
-SPECS = [QuantSpec(4, -1, True), QuantSpec(3, 32, False), QuantSpec(4, 48, True),
-         QuantSpec(2, 64, False), QuantSpec(8, 128, True)]
+SPECS = [
+    QuantSpec(4, -1, True),
+    QuantSpec(3, 32, False),
+    QuantSpec(4, 48, True),
+    QuantSpec(2, 64, False),
+    QuantSpec(8, 128, True),
+]
 
 
 def correlated_problem(seed: int, rows: int = 48, cols: int = 128, n: int = 1024):
