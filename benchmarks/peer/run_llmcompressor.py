@@ -319,6 +319,8 @@ def main(argv=None) -> int:
         from llmcompressor import oneshot
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise FileNotFoundError(f"not a model directory (no config.json): {args.model}")
         calib = load_windows(args.calib)
         evals = load_windows(args.eval)
         n_calib, seqlen = calib.shape

@@ -7,7 +7,10 @@ e0 = (w0 − q0)/U00 updates w1 ← w1 − e0·U01 = w1 − (w0 − q0)·b/a, th
 correction; then column 1 rounds the corrected w1. With H = I, b = 0 and GPTQ is
 exactly round-to-nearest.
 
-Names follow the paper: H (in × in), Hinv's Cholesky factor U, per-block W1/Q1/Err1.
+Names follow the paper: H (in × in), Hinv's Cholesky factor U, per-block W1/Err1.
+`gptq_batch` solves B independent layers of one shape at once (a leading batch dim on
+every tensor), which removes most of the per-column Python overhead when many layers
+are solved from cached Hessians; `gptq` is the single-layer form.
 """
 
 from __future__ import annotations
@@ -40,31 +43,164 @@ class GPTQResult(QuantResult):
 
 def damped_inverse_cholesky(
     h: torch.Tensor, damp: float, max_retries: int = 6
-) -> tuple[torch.Tensor | None, float, int]:
-    """U = upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, raising λ ×10 on failure.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U = upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ for each H in a batch,
+    raising λ ×10 for the matrices whose factorisation fails.
 
     Args:
-        h: (d × d) symmetric PSD Hessian with no zero diagonal.
+        h: (B, d, d) symmetric PSD Hessians with no zero diagonal.
         damp: the first relative damping λ to try.
-        max_retries: how many times to multiply λ by 10.
+        max_retries: how many times λ may be multiplied by 10.
 
     Returns:
-        (U or None when every λ failed, the λ used, the number of retries).
+        U (B, d, d) float32 (identity where every λ failed), λ used (B,), retries (B,),
+        failed (B,) bool.
     """
+    b, d, _ = h.shape
     h64 = h.to(torch.float64)
-    mean_diag = float(torch.diagonal(h64).mean())
-    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
-    lam = damp
-    for attempt in range(max_retries + 1):
-        hd = h64 + (lam * mean_diag) * eye
+    mean_diag = torch.diagonal(h64, dim1=-2, dim2=-1).mean(-1)  # (B,)
+    eye = torch.eye(d, dtype=torch.float64, device=h.device)
+    lam = torch.full((b,), float(damp), dtype=torch.float64, device=h.device)
+    retries = torch.zeros(b, dtype=torch.int64, device=h.device)
+    out = torch.eye(d, device=h.device).repeat(b, 1, 1)
+    todo = torch.ones(b, dtype=torch.bool, device=h.device)
+    for _ in range(max_retries + 1):
+        idx = todo.nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        hd = h64[idx] + (lam[idx] * mean_diag[idx])[:, None, None] * eye
         chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0 and torch.isfinite(u).all():
-                return u.to(torch.float32), lam, attempt
-        lam = lam * 10 if lam > 0 else 1e-4
-    return None, lam, max_retries
+        hinv = torch.cholesky_inverse(chol)
+        u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+        ok = (info == 0) & (info2 == 0) & torch.isfinite(u).flatten(1).all(-1)
+        out[idx[ok]] = u[ok].to(torch.float32)
+        todo[idx[ok]] = False
+        bad = idx[~ok]
+        lam[bad] = torch.where(lam[bad] > 0, lam[bad] * 10, torch.full_like(lam[bad], 1e-4))
+        retries[bad] += 1
+    retries = torch.clamp(retries, max=max_retries)
+    return out, lam, retries, todo
+
+
+def _take_cols(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, R, C) with columns reordered per batch by idx (B, C)."""
+    return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
+
+
+def gptq_batch(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    keep: torch.Tensor | None = None,
+) -> list[GPTQResult]:
+    """GPTQ for B independent layers of the same shape.
+
+    Args:
+        w: (B, out, in) weights.
+        h: (B, in, in) layer Hessians XXᵀ/n, undamped.
+        spec: the grid (bits, group size, symmetry).
+        block_size: columns per lazy-update block.
+        damp: relative damping λ (raised ×10 per layer when Cholesky fails).
+        act_order: quantize columns by descending diag H.
+        static_groups: fit every group's grid on the original weights before the sweep
+            (with act_order, g_idx stays i // group_size). Otherwise each group's grid
+            is fitted on the error-updated weights when the sweep reaches it.
+        keep: optional (B, out, in) bool mask; False entries are pruned: they stay
+            exactly zero (code = zero point) and their error is compensated.
+
+    Returns:
+        One GPTQResult per layer.
+    """
+    W = w.detach().to(torch.float32).clone()
+    H = h.detach().to(torch.float32).clone()
+    B, rows, cols = W.shape
+    dev = W.device
+    if keep is not None:
+        keep = keep.to(dev, torch.bool)
+        W = W * keep
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diag == 0  # (B, C)
+    diag[dead] = 1.0
+    W.masked_fill_(dead[:, None, :], 0.0)
+    gs = spec.group_cols(cols)
+    ng = spec.groups(cols)
+    grouped = spec.group_size > 0
+
+    scale = torch.empty(B, rows, ng, device=dev)
+    zero = torch.empty(B, rows, ng, device=dev)
+    g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32).repeat(B, 1)
+    if not grouped:
+        s, z = fit_qparams(W, spec)
+        scale[..., 0], zero[..., 0] = s, z
+    elif static_groups:
+        for g in range(ng):
+            s, z = fit_qparams(W[..., g * gs : (g + 1) * gs], spec)
+            scale[..., g], zero[..., g] = s, z
+
+    perm = torch.arange(cols, device=dev).repeat(B, 1)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True,
+                             stable=True)
+        W = _take_cols(W, perm)
+        H = _take_cols(H.gather(1, perm[:, :, None].expand(-1, -1, cols)), perm)
+        if keep is not None:
+            keep = _take_cols(keep, perm)
+
+    U, lam, retries, failed = damped_inverse_cholesky(H, damp)
+    del H
+    bidx = torch.arange(B, device=dev)
+
+    codes = torch.zeros(B, rows, cols, device=dev)  # in permuted order
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[..., i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped and not static_groups and col % gs == 0:
+                # fit this group on its current, error-updated values
+                end = min(col + gs, cols)
+                cur = W1[..., i : min(end - i1, i2 - i1)]
+                if end > i2:
+                    rest = W[..., i2:end] - Err1[..., :i] @ U[:, i1:col, i2:end]
+                    cur = torch.cat([cur, rest], dim=-1)
+                s, z = fit_qparams(cur, spec)
+                scale[..., col // gs], zero[..., col // gs] = s, z
+            if grouped and static_groups:
+                g = perm[:, col] // gs  # (B,) group of the original column
+                s, z = scale[bidx, :, g], zero[bidx, :, g]
+            else:
+                g = col // gs if grouped else 0
+                s, z = scale[..., g], zero[..., g]
+                if grouped and act_order:
+                    g_idx.scatter_(1, perm[:, col : col + 1],
+                                   torch.full((B, 1), g, dtype=torch.int32, device=dev))
+            wc = W1[..., i]  # (B, R)
+            q = quantize(wc, s, z, spec.maxq)
+            if keep is not None:
+                q = torch.where(keep[..., col], q, z)
+            codes[..., col] = q
+            err = (wc - s * (q - z)) / U1[:, i, i][:, None]
+            W1[..., i:] -= err[..., None] * U1[:, i, i:][:, None, :]
+            Err1[..., i] = err
+        W[..., i2:] -= Err1 @ U[:, i1:i2, i2:]
+
+    codes = _take_cols(codes, torch.argsort(perm, dim=-1))
+    out = []
+    for b in range(B):
+        weight = dequant_groups(codes[b], scale[b], zero[b], g_idx[b])
+        out.append(GPTQResult(
+            weight=weight, codes=codes[b].to(torch.uint8), scale=scale[b], zero=zero[b],
+            g_idx=g_idx[b], damp=math.inf if bool(failed[b]) else float(lam[b]),
+            retries=int(retries[b]), fallback=bool(failed[b]), dead=int(dead[b].sum()),
+        ))
+    return out
 
 
 def gptq(
@@ -78,108 +214,11 @@ def gptq(
     static_groups: bool = False,
     keep: torch.Tensor | None = None,
 ) -> GPTQResult:
-    """Quantize one layer with GPTQ.
-
-    Args:
-        w: (out × in) weight.
-        h: (in × in) layer Hessian XXᵀ/n, undamped.
-        spec: the grid (bits, group size, symmetry).
-        block_size: columns per lazy-update block.
-        damp: relative damping λ (retried ×10 when Cholesky fails).
-        act_order: quantize columns by descending diag H.
-        static_groups: fit every group's grid on the original weights before the sweep
-            (with act_order, g_idx stays i // group_size). Otherwise each group's grid
-            is fitted on the error-updated weights when the sweep reaches it.
-        keep: optional (out × in) bool mask; False entries are pruned: they stay
-            exactly zero (code = zero point) and their removal is not re-quantized.
-
-    Returns:
-        GPTQResult with dequantized weight, codes, per-group scale/zero, g_idx.
-    """
-    W = w.detach().to(torch.float32).clone()
-    H = h.detach().to(torch.float32).clone()
-    rows, cols = W.shape
-    dev = W.device
-    if keep is not None:
-        keep = keep.to(dev, torch.bool)
-        W = W * keep
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    gs = spec.group_cols(cols)
-    ng = spec.groups(cols)
-    grouped = spec.group_size > 0
-
-    scale = torch.empty(rows, ng, device=dev)
-    zero = torch.empty(rows, ng, device=dev)
-    g_idx = torch.arange(cols, dtype=torch.int32, device=dev) // gs
-    if not grouped:
-        s, z = fit_qparams(W, spec)
-        scale[:, 0], zero[:, 0] = s, z
-    elif static_groups:
-        for g in range(ng):
-            s, z = fit_qparams(W[:, g * gs : (g + 1) * gs], spec)
-            scale[:, g], zero[:, g] = s, z
-
-    perm = torch.arange(cols, device=dev)
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    keep_p = keep[:, perm] if keep is not None else None
-
-    U, lam, retries = damped_inverse_cholesky(H, damp)
-    fallback = U is None
-    if U is None:  # no damping made H⁻¹ factorisable: round to nearest (reported)
-        U = torch.eye(cols, device=dev)
-
-    codes = torch.zeros(rows, cols, device=dev)  # in permuted order
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if grouped and not static_groups and col % gs == 0:
-                # fit this group on its current, error-updated values
-                end = min(col + gs, cols)
-                cur = W1[:, i : min(end - i1, i2 - i1)]
-                if end > i2:
-                    rest = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]
-                    cur = torch.cat([cur, rest], dim=1)
-                g = col // gs
-                s, z = fit_qparams(cur, spec)
-                scale[:, g], zero[:, g] = s, z
-            g = int(perm[col]) // gs if (grouped and static_groups) else col // gs
-            if grouped and act_order and not static_groups:
-                g_idx[perm[col]] = g
-            s, z = scale[:, g], zero[:, g]
-            wc = W1[:, i]
-            q = quantize(wc, s, z, spec.maxq)
-            if keep_p is not None:
-                q = torch.where(keep_p[:, col], q, z)
-            codes[:, col] = q
-            d = U1[i, i]
-            err = (wc - s * (q - z)) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    inv = torch.argsort(perm)
-    codes = codes[:, inv]
-    weight = dequant_groups(codes, scale, zero, g_idx)
-    return GPTQResult(
-        weight=weight,
-        codes=codes.to(torch.uint8),
-        scale=scale,
-        zero=zero,
-        g_idx=g_idx,
-        damp=lam if not fallback else math.inf,
-        retries=retries,
-        fallback=fallback,
-        dead=int(dead.sum()),
-    )
+    """Quantize one layer with GPTQ: w (out × in), h (in × in); see `gptq_batch`."""
+    return gptq_batch(
+        w[None], h[None], spec, block_size=block_size, damp=damp, act_order=act_order,
+        static_groups=static_groups, keep=None if keep is None else keep[None],
+    )[0]
 
 
 def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:

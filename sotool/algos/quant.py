@@ -36,14 +36,14 @@ class QuantSpec:
 
 
 def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero for each row of w (rows × cols), over all its columns.
+    """Scale and zero for each row of w (..., rows, cols), over all its columns.
 
     Returns:
-        scale (rows,) float32 > 0, zero (rows,) float32 holding integers.
+        scale (..., rows) float32 > 0, zero (..., rows) float32 holding integers.
     """
     w = w.float()
-    wmin = torch.clamp(w.min(dim=1).values, max=0)
-    wmax = torch.clamp(w.max(dim=1).values, min=0)
+    wmin = torch.clamp(w.amin(dim=-1), max=0)
+    wmax = torch.clamp(w.amax(dim=-1), min=0)
     if spec.sym:
         amax = torch.maximum(wmin.abs(), wmax)
         scale = 2 * amax / spec.maxq

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from sotool.algos.gptq import GPTQResult, gptq, layer_error
+from sotool.algos.gptq import GPTQResult, gptq_batch, layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import QuantResult, QuantSpec, rtn
 from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
@@ -49,6 +49,9 @@ class GPTQParams(QuantParams):
     true_sequential: bool = Field(
         True, description="sequential mode: groups inside a block see earlier groups quantized"
     )
+    batch_bytes: int = Field(
+        512 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
+    )
 
 
 def _split(res: GPTQResult, sizes: list[int]) -> list[QuantResult]:
@@ -62,63 +65,56 @@ def _split(res: GPTQResult, sizes: list[int]) -> list[QuantResult]:
     return out
 
 
-def solve_shared(
-    layers: dict[str, torch.nn.Module],
-    h_sum: torch.Tensor,
-    count: int,
+def solve_batch(
+    problems: list[tuple[dict[str, torch.nn.Module], torch.Tensor, int]],
     spec: QuantSpec,
     params: GPTQParams,
     keep: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, QuantResult], list[dict[str, Any]]]:
-    """GPTQ for layers that share one input (and so one Hessian) and one grid: their
-    rows are stacked and solved together (rows are independent given H)."""
+    """GPTQ for several problems of one shape and grid, solved as one batch.
+
+    Each problem is (layers sharing one input, Σxxᵀ of that input, token count); the
+    layers' rows are stacked (rows are independent given H).
+    """
     t0 = time.perf_counter()
-    h = normalize(h_sum, count)
-    names = list(layers)
-    ws = [weight_matrix(layers[n]).detach().float().to(h.device) for n in names]
-    w = torch.cat(ws, dim=0)
+    hs = [normalize(s.to(device), n) for _, s, n in problems]
+    ws = [[weight_matrix(m).detach().float().to(device) for m in layers.values()]
+          for layers, _, _ in problems]
+    w = torch.stack([torch.cat(x, dim=0) for x in ws])
     mask = None
     if keep is not None:
-        mask = torch.cat([keep[n].to(h.device) for n in names], dim=0)
-    res = gptq(
-        w,
-        h,
-        spec,
-        block_size=params.block_size,
-        damp=params.damp,
-        act_order=params.act_order,
-        static_groups=params.static_groups,
-        keep=mask,
-    )
-    parts = _split(res, [x.shape[0] for x in ws])
+        mask = torch.stack([torch.cat([keep[n].to(device) for n in layers], dim=0)
+                            for layers, _, _ in problems])
+    results = gptq_batch(w, torch.stack(hs), spec, block_size=params.block_size,
+                         damp=params.damp, act_order=params.act_order,
+                         static_groups=params.static_groups, keep=mask)
     seconds = time.perf_counter() - t0
-    total_rows = w.shape[0]
-    rows = []
-    trace = float(h.diagonal().sum())
-    for n, wi, qi in zip(names, ws, parts, strict=True):
-        base = rtn(wi * keep[n].to(wi.device) if keep is not None else wi, spec)
-        g_err = layer_error(wi, qi.weight, h)
-        r_err = layer_error(wi, base.weight, h)
-        rows.append(
-            {
-                "layer": n,
-                "shape": list(wi.shape),
-                "bits": spec.bits,
-                "group_size": spec.group_size,
-                "sym": spec.sym,
-                "h_trace": trace,
-                "tokens": count,
-                "gptq_loss": g_err,
-                "rtn_loss": r_err,
+    out: dict[str, QuantResult] = {}
+    rows: list[dict[str, Any]] = []
+    total_rows = w.shape[0] * w.shape[1]
+    for (layers, _, count), h, wl, res in zip(problems, hs, ws, results, strict=True):
+        parts = _split(res, [x.shape[0] for x in wl])
+        trace = float(h.diagonal().sum())
+        for n, wi, qi in zip(layers, wl, parts, strict=True):
+            base = rtn(wi * keep[n].to(wi.device) if keep is not None else wi, spec)
+            g_err = layer_error(wi, qi.weight, h)
+            r_err = layer_error(wi, base.weight, h)
+            out[n] = qi
+            rows.append({
+                "layer": n, "shape": list(wi.shape), "bits": spec.bits,
+                "group_size": spec.group_size, "sym": spec.sym, "h_trace": trace,
+                "tokens": count, "gptq_loss": g_err, "rtn_loss": r_err,
                 "ratio": g_err / r_err if r_err > 0 else (1.0 if g_err == 0 else math.inf),
-                "damp": res.damp,
-                "retries": res.retries,
-                "fallback": res.fallback,
-                "dead": res.dead,
-                "seconds": seconds * wi.shape[0] / total_rows,
-            }
-        )
-    return dict(zip(names, parts, strict=True)), rows
+                "damp": res.damp, "retries": res.retries, "fallback": res.fallback,
+                "dead": res.dead, "seconds": seconds * wi.shape[0] / total_rows,
+            })
+    return out, rows
+
+
+def _batches(items: list[Any], per_item_bytes: int, budget: int) -> list[list[Any]]:
+    n = max(1, budget // max(per_item_bytes, 1))
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def _bucket(
@@ -161,15 +157,26 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
         hs = HessianStore(ctx.require("hessians").dir)
         layers = target_layers(model)
         key_of = {n: hs.input_key(n) for n in layers}
-        buckets = _bucket(list(layers), key_of, params)
-        with ctx.progress("gptq: solving", len(buckets)) as bar:
-            for (_key, spec), names in buckets.items():
-                s, n = hs.get(names[0])
-                s = s.to(ctx.device)
-                results, r = solve_shared({x: layers[x] for x in names}, s, n, spec, params, keep)
+        # problems of one shape and grid are solved together, across blocks
+        shapes: dict[tuple[Any, ...], list[list[str]]] = defaultdict(list)
+        for (_key, spec), names in _bucket(list(layers), key_of, params).items():
+            out_rows = sum(weight_matrix(layers[x]).shape[0] for x in names)
+            cols = weight_matrix(layers[names[0]]).shape[1]
+            shapes[(spec, out_rows, cols)].append(names)
+        jobs = []
+        for (spec, r, c), probs in shapes.items():
+            per = 4 * (4 * r * c + 4 * c * c)  # W, copies, codes, H, U, float64 factors
+            jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
+        with ctx.progress("gptq: solving", len(layers)) as bar:
+            for spec, chunk in jobs:
+                problems = []
+                for names in chunk:
+                    s, n = hs.get(names[0])
+                    problems.append(({x: layers[x] for x in names}, s, n))
+                results, r = solve_batch(problems, spec, params, keep, ctx.device)
                 _commit(ctx, layers, results, store, spec)
                 rows += r
-                bar.advance()
+                bar.advance(len(r))
     else:
         tokens = ctx.calibration_tokens()
         bs = ctx.recipe.calibration.batch_size
@@ -185,14 +192,8 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                     acc = collect(runner, group, early_stop=True)
                     for (key, spec), names in _bucket(group, acc.alias, params).items():
                         hsum = acc.sums[key]
-                        results, r = solve_shared(
-                            {x: runner.layers[x] for x in names},
-                            hsum.sum,
-                            hsum.count,
-                            spec,
-                            params,
-                            keep,
-                        )
+                        problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
+                        results, r = solve_batch([problem], spec, params, keep, ctx.device)
                         _commit(ctx, runner.layers, results, store, spec)
                         rows += r
                 bar.advance()

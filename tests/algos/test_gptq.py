@@ -84,3 +84,21 @@ def test_keep_mask_stays_zero():
     keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
     res = gptq(w, h, QuantSpec(4, 32, True), keep=keep)
     assert (res.weight[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_equals_single(static):
+    from sotool.algos.gptq import gptq_batch
+
+    probs = [correlated_problem(s, rows=16, cols=80) for s in range(3)]
+    w = torch.stack([p[0] for p in probs])
+    h = torch.stack([p[1] for p in probs])
+    h[1] = h[1] @ torch.diag(torch.tensor([0.0] + [1.0] * 79))  # forces a retry on one
+    h[1] = (h[1] + h[1].T) / 2
+    spec = QuantSpec(3, 32, False)
+    batch = gptq_batch(w, h, spec, act_order=True, static_groups=static, damp=0.0)
+    for b in range(3):
+        one = gptq(w[b], h[b], spec, act_order=True, static_groups=static, damp=0.0)
+        assert torch.allclose(batch[b].weight, one.weight, atol=1e-5)
+        assert torch.equal(batch[b].g_idx, one.g_idx)
+        assert batch[b].retries == one.retries and batch[b].damp == one.damp
