@@ -20,6 +20,9 @@ LAYER_COLUMNS = {
     "h_trace": ("tr(H)", "{:.3g}"),
     "gptq_loss": ("gptq loss", "{:.4g}"),
     "rtn_loss": ("rtn loss", "{:.4g}"),
+    "sparsity": ("sparsity", "{:.3f}"),
+    "obs_loss": ("obs loss", "{:.4g}"),
+    "magnitude_loss": ("magn. loss", "{:.4g}"),
     "ratio": ("ratio", "{:.3f}"),
     "damp": ("λ", "{:g}"),
     "seconds": ("time s", "{:.2f}"),
@@ -152,7 +155,10 @@ def print_report(
             continue
         key = sort if sort and any(sort in r for r in rows) else None
         if key is None:
-            key = next((k for k in ("gptq_loss", "rtn_loss", "weight_mse") if k in rows[0]), None)
+            key = next(
+                (k for k in ("gptq_loss", "obs_loss", "rtn_loss", "weight_mse") if k in rows[0]),
+                None,
+            )
         console.print(layer_table(rows, f"{s['name']} ({s['key'][:12]}): per layer", key, top))
         tot = {k: sum(r[k] for r in rows if k in r) for k in ("gptq_loss", "rtn_loss")}
         if tot["rtn_loss"]:

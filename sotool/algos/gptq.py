@@ -144,8 +144,9 @@ def gptq_batch(
 
     perm = torch.arange(cols, device=dev).repeat(B, 1)
     if act_order:
-        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True,
-                             stable=True)
+        perm = torch.argsort(
+            torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True
+        )
         W = _take_cols(W, perm)
         H = _take_cols(H.gather(1, perm[:, :, None].expand(-1, -1, cols)), perm)
         if keep is not None:
@@ -179,8 +180,11 @@ def gptq_batch(
                 g = col // gs if grouped else 0
                 s, z = scale[..., g], zero[..., g]
                 if grouped and act_order:
-                    g_idx.scatter_(1, perm[:, col : col + 1],
-                                   torch.full((B, 1), g, dtype=torch.int32, device=dev))
+                    g_idx.scatter_(
+                        1,
+                        perm[:, col : col + 1],
+                        torch.full((B, 1), g, dtype=torch.int32, device=dev),
+                    )
             wc = W1[..., i]  # (B, R)
             q = quantize(wc, s, z, spec.maxq)
             if keep is not None:
@@ -195,11 +199,19 @@ def gptq_batch(
     out = []
     for b in range(B):
         weight = dequant_groups(codes[b], scale[b], zero[b], g_idx[b])
-        out.append(GPTQResult(
-            weight=weight, codes=codes[b].to(torch.uint8), scale=scale[b], zero=zero[b],
-            g_idx=g_idx[b], damp=math.inf if bool(failed[b]) else float(lam[b]),
-            retries=int(retries[b]), fallback=bool(failed[b]), dead=int(dead[b].sum()),
-        ))
+        out.append(
+            GPTQResult(
+                weight=weight,
+                codes=codes[b].to(torch.uint8),
+                scale=scale[b],
+                zero=zero[b],
+                g_idx=g_idx[b],
+                damp=math.inf if bool(failed[b]) else float(lam[b]),
+                retries=int(retries[b]),
+                fallback=bool(failed[b]),
+                dead=int(dead[b].sum()),
+            )
+        )
     return out
 
 
@@ -216,8 +228,14 @@ def gptq(
 ) -> GPTQResult:
     """Quantize one layer with GPTQ: w (out × in), h (in × in); see `gptq_batch`."""
     return gptq_batch(
-        w[None], h[None], spec, block_size=block_size, damp=damp, act_order=act_order,
-        static_groups=static_groups, keep=None if keep is None else keep[None],
+        w[None],
+        h[None],
+        spec,
+        block_size=block_size,
+        damp=damp,
+        act_order=act_order,
+        static_groups=static_groups,
+        keep=None if keep is None else keep[None],
     )[0]
 
 

@@ -79,16 +79,26 @@ def solve_batch(
     """
     t0 = time.perf_counter()
     hs = [normalize(s.to(device), n) for _, s, n in problems]
-    ws = [[weight_matrix(m).detach().float().to(device) for m in layers.values()]
-          for layers, _, _ in problems]
+    ws = [
+        [weight_matrix(m).detach().float().to(device) for m in layers.values()]
+        for layers, _, _ in problems
+    ]
     w = torch.stack([torch.cat(x, dim=0) for x in ws])
     mask = None
     if keep is not None:
-        mask = torch.stack([torch.cat([keep[n].to(device) for n in layers], dim=0)
-                            for layers, _, _ in problems])
-    results = gptq_batch(w, torch.stack(hs), spec, block_size=params.block_size,
-                         damp=params.damp, act_order=params.act_order,
-                         static_groups=params.static_groups, keep=mask)
+        mask = torch.stack(
+            [torch.cat([keep[n].to(device) for n in layers], dim=0) for layers, _, _ in problems]
+        )
+    results = gptq_batch(
+        w,
+        torch.stack(hs),
+        spec,
+        block_size=params.block_size,
+        damp=params.damp,
+        act_order=params.act_order,
+        static_groups=params.static_groups,
+        keep=mask,
+    )
     seconds = time.perf_counter() - t0
     out: dict[str, QuantResult] = {}
     rows: list[dict[str, Any]] = []
@@ -101,14 +111,25 @@ def solve_batch(
             g_err = layer_error(wi, qi.weight, h)
             r_err = layer_error(wi, base.weight, h)
             out[n] = qi
-            rows.append({
-                "layer": n, "shape": list(wi.shape), "bits": spec.bits,
-                "group_size": spec.group_size, "sym": spec.sym, "h_trace": trace,
-                "tokens": count, "gptq_loss": g_err, "rtn_loss": r_err,
-                "ratio": g_err / r_err if r_err > 0 else (1.0 if g_err == 0 else math.inf),
-                "damp": res.damp, "retries": res.retries, "fallback": res.fallback,
-                "dead": res.dead, "seconds": seconds * wi.shape[0] / total_rows,
-            })
+            rows.append(
+                {
+                    "layer": n,
+                    "shape": list(wi.shape),
+                    "bits": spec.bits,
+                    "group_size": spec.group_size,
+                    "sym": spec.sym,
+                    "h_trace": trace,
+                    "tokens": count,
+                    "gptq_loss": g_err,
+                    "rtn_loss": r_err,
+                    "ratio": g_err / r_err if r_err > 0 else (1.0 if g_err == 0 else math.inf),
+                    "damp": res.damp,
+                    "retries": res.retries,
+                    "fallback": res.fallback,
+                    "dead": res.dead,
+                    "seconds": seconds * wi.shape[0] / total_rows,
+                }
+            )
     return out, rows
 
 
