@@ -129,7 +129,7 @@ class StageContext:
         self.console = runner.console
         self.device = runner.device
         self.seed = runner.loaded.recipe.seed
-        self._new_weights: dict[str, torch.Tensor] = {}
+        self._new_weights: list[str] = []
 
     # data -----------------------------------------------------------------
     def find(self, name: str) -> StageRecord | None:
@@ -170,10 +170,17 @@ class StageContext:
         """Record new weights (state_dict names); applied to the in-memory model now and
         saved with the stage."""
         apply_weights(self.runner.session.model(self.upstream), tensors)
-        self._new_weights.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        self._new_weights += [k for k in tensors if k not in self._new_weights]
 
     def progress(self, description: str, total: int | None) -> Any:
         return self.runner.progress_task(description, total)
+
+    def changed_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors given to `set_weights`, read back from the model (no copies kept)."""
+        params = dict(
+            self.runner.session.model(self.upstream).named_parameters(remove_duplicate=False)
+        )
+        return {k: params[k].detach().cpu().contiguous() for k in self._new_weights}
 
 
 class Runner:
@@ -307,7 +314,7 @@ class Runner:
                 self.session.drop()  # the in-memory model may be half-modified
                 raise
             if entry.spec.modifies_weights:
-                save_file(ctx._new_weights, str(tmp / WEIGHTS_FILE))
+                save_file(ctx.changed_weights(), str(tmp / WEIGHTS_FILE))
                 self.session.adopt(key)
             seconds = time.perf_counter() - t0
             rec = {

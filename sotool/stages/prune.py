@@ -91,7 +91,6 @@ def run(ctx: Any, params: PruneParams) -> dict[str, Any]:
         hs = HessianStore(ctx.require("hessians").dir)
     rows: list[dict[str, Any]] = []
     masks: dict[str, torch.Tensor] = {}
-    new: dict[str, torch.Tensor] = {}
     pruned = total = 0
     with ctx.progress(f"prune ({params.method})", len(layers)) as bar:
         for name, mod in layers.items():
@@ -126,8 +125,7 @@ def run(ctx: Any, params: PruneParams) -> dict[str, Any]:
             pruned += int(mask.sum())
             rows.append(row)
             masks[name] = mask.to(torch.uint8).contiguous()
-            new[f"{name}.weight"] = param_layout(mod, w_new.to(mod.weight.dtype))
-    ctx.set_weights(new)
+            ctx.set_weights({f"{name}.weight": param_layout(mod, w_new.to(mod.weight.dtype))})
     save_file(masks, str(ctx.out_dir / "masks.safetensors"))
     write_json(ctx.out_dir / "layers.json", rows)
     out = {

@@ -33,7 +33,6 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
     hstore = HessianStore(hrec.dir) if hrec is not None else None
     store = QuantStore()
     rows: list[dict[str, Any]] = []
-    new: dict[str, Any] = {}
     with ctx.progress("rtn layers", len(layers)) as bar:
         for name, mod in layers.items():
             spec = params.spec_for(name)
@@ -60,9 +59,8 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
                 row["h_trace"] = float(h.diagonal().sum())
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
-            new[f"{name}.weight"] = param_layout(mod, res.weight.to(mod.weight.dtype))
+            ctx.set_weights({f"{name}.weight": param_layout(mod, res.weight.to(mod.weight.dtype))})
             store.add(name, res, spec)
-    ctx.set_weights(new)
     store.save(ctx.out_dir)
     write_json(ctx.out_dir / "layers.json", rows)
     return {
