@@ -68,7 +68,7 @@ def jsonable(obj):
             return jsonable(obj.model_dump())
         except Exception:
             pass
-    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), (str, int)):
+    if hasattr(obj, "value") and isinstance(obj.value, (str, int)):
         return obj.value  # enums
     return str(obj)
 
@@ -102,16 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval", required=True, help="safetensors with input_ids [N,T]")
     p.add_argument("--method", required=True, choices=["gptq", "sparsegpt"])
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument(
-        "--group-size", type=int, default=128, help="group size; -1 = per channel"
-    )
+    p.add_argument("--group-size", type=int, default=128, help="group size; -1 = per channel")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True)
     sym.add_argument("--asym", dest="sym", action="store_false")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument(
-        "--mask-structure", default="0:0", help="N:M, e.g. 2:4; 0:0 = unstructured"
-    )
+    p.add_argument("--mask-structure", default="0:0", help="N:M, e.g. 2:4; 0:0 = unstructured")
     p.add_argument("--dampening", type=float, default=0.01, help="dampening_frac")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument(
@@ -260,7 +256,6 @@ def effective_weight(mod, method: str):
 
 def fingerprint(w) -> list:
     """Cheap exact-enough identity of a big tensor, without copying it."""
-    import torch
 
     flat = w.detach().reshape(-1)
     total = 0.0
@@ -378,8 +373,10 @@ def main(argv=None) -> int:
             )
         result["config"] = config
 
-        log(f"llmcompressor {llmcompressor.__version__}, torch {torch.__version__}, "
-            f"{threads} threads; calib {n_calib}x{seqlen}, eval {tuple(evals.shape)}")
+        log(
+            f"llmcompressor {llmcompressor.__version__}, torch {torch.__version__}, "
+            f"{threads} threads; calib {n_calib}x{seqlen}, eval {tuple(evals.shape)}"
+        )
         log(f"loading {args.model}")
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         model.eval()
@@ -443,8 +440,10 @@ def main(argv=None) -> int:
         # Peak of the benchmark proper (load + oneshot + eval); what follows is
         # bookkeeping for the JSON / --save-weights and is not counted.
         result["peak_rss_gib"] = round(rss_gib(), 4)
-        log(f"ppl {result['ppl']:.4f}, eval {result['eval_s']:.0f}s, "
-            f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+        log(
+            f"ppl {result['ppl']:.4f}, eval {result['eval_s']:.0f}s, "
+            f"peak RSS {result['peak_rss_gib']:.2f} GiB"
+        )
 
         # Effective weights, sparsity, and a check that they are what forward uses.
         max_diff = 0.0

@@ -57,29 +57,30 @@ def damped_inverse_cholesky(
         failed (B,) bool.
     """
     b, d, _ = h.shape
-    h64 = h.to(torch.float64)
-    mean_diag = torch.diagonal(h64, dim1=-2, dim2=-1).mean(-1)  # (B,)
     eye = torch.eye(d, dtype=torch.float64, device=h.device)
-    lam = torch.full((b,), float(damp), dtype=torch.float64, device=h.device)
-    retries = torch.zeros(b, dtype=torch.int64, device=h.device)
-    out = torch.eye(d, device=h.device).repeat(b, 1, 1)
-    todo = torch.ones(b, dtype=torch.bool, device=h.device)
-    for _ in range(max_retries + 1):
-        idx = todo.nonzero().flatten()
-        if idx.numel() == 0:
-            break
-        hd = h64[idx] + (lam[idx] * mean_diag[idx])[:, None, None] * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
-        hinv = torch.cholesky_inverse(chol)
-        u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-        ok = (info == 0) & (info2 == 0) & torch.isfinite(u).flatten(1).all(-1)
-        out[idx[ok]] = u[ok].to(torch.float32)
-        todo[idx[ok]] = False
-        bad = idx[~ok]
-        lam[bad] = torch.where(lam[bad] > 0, lam[bad] * 10, torch.full_like(lam[bad], 1e-4))
-        retries[bad] += 1
-    retries = torch.clamp(retries, max=max_retries)
-    return out, lam, retries, todo
+    out = torch.empty(b, d, d, device=h.device)
+    lams = torch.empty(b, dtype=torch.float64)
+    retries = torch.zeros(b, dtype=torch.int64)
+    failed = torch.zeros(b, dtype=torch.bool)
+    for k in range(b):  # one matrix at a time: float64 work memory stays O(d²)
+        h64 = h[k].to(torch.float64)
+        mean_diag = float(torch.diagonal(h64).mean())
+        lam = float(damp)
+        for attempt in range(max_retries + 1):
+            chol, info = torch.linalg.cholesky_ex(h64 + (lam * mean_diag) * eye)
+            if int(info) == 0:
+                u, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+                if int(info2) == 0 and bool(torch.isfinite(u).all()):
+                    out[k] = u.to(torch.float32)
+                    break
+            if attempt == max_retries:
+                out[k] = torch.eye(d, device=h.device)
+                failed[k] = True
+                break
+            lam = lam * 10 if lam > 0 else 1e-4
+            retries[k] += 1
+        lams[k] = lam
+    return out, lams, retries, failed
 
 
 def _take_cols(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    mse: bool = False  # search a clipping range per row/group instead of plain min/max
 
     @property
     def maxq(self) -> int:
@@ -35,8 +36,15 @@ class QuantSpec:
         return cols if self.group_size <= 0 else self.group_size
 
 
+CLIP_STEPS = 20  # shrink factors 1.0, 0.975, ..., 0.525 tried by the MSE search
+CLIP_NORM = 2.4  # error norm of the search (as in the GPTQ reference code)
+
+
 def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of w (..., rows, cols), over all its columns.
+
+    With `spec.mse`, the range [min, max] is shrunk by the factor (of CLIP_STEPS) that
+    minimises Σ|w − Q(w)|^2.4 per row, trading clipped outliers for a finer grid.
 
     Returns:
         scale (..., rows) float32 > 0, zero (..., rows) float32 holding integers.
@@ -44,6 +52,30 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     w = w.float()
     wmin = torch.clamp(w.amin(dim=-1), max=0)
     wmax = torch.clamp(w.amax(dim=-1), min=0)
+    if not spec.mse:
+        return _grid(wmin, wmax, spec)
+    best_s, best_z = _grid(wmin, wmax, spec)
+    best_err = _clip_err(w, best_s, best_z, spec)
+    for i in range(1, CLIP_STEPS):
+        p = 1 - i / (CLIP_STEPS / 0.5)
+        s, z = _grid(wmin * p, wmax * p, spec)
+        err = _clip_err(w, s, z, spec)
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_z
+
+
+def _clip_err(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec
+              ) -> torch.Tensor:
+    q = fake_quantize(w, s[..., None], z[..., None], spec.maxq)
+    return (q - w).abs().pow(CLIP_NORM).sum(-1)
+
+
+def _grid(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for ranges [wmin ≤ 0, wmax ≥ 0] (per row)."""
     if spec.sym:
         amax = torch.maximum(wmin.abs(), wmax)
         scale = 2 * amax / spec.maxq

@@ -50,7 +50,7 @@ class GPTQParams(QuantParams):
         True, description="sequential mode: groups inside a block see earlier groups quantized"
     )
     batch_bytes: int = Field(
-        512 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
+        256 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
     )
 
 
@@ -186,7 +186,7 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
             shapes[(spec, out_rows, cols)].append(names)
         jobs = []
         for (spec, r, c), probs in shapes.items():
-            per = 4 * (4 * r * c + 4 * c * c)  # W, copies, codes, H, U, float64 factors
+            per = 4 * (5 * r * c + 3 * c * c)  # W, W1/Err1 copies, codes; H, U
             jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
         with ctx.progress("gptq: solving", len(layers)) as bar:
             for spec, chunk in jobs:

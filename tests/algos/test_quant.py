@@ -44,3 +44,18 @@ def test_rtn_weight_is_dequantized_codes_and_error_bounded():
 def test_zero_rows_get_unit_scale():
     s, z = fit_qparams(torch.zeros(3, 8), QuantSpec(4, -1, False))
     assert torch.equal(s, torch.ones(3)) and torch.equal(z, torch.zeros(3))
+
+
+def test_mse_clip_never_worse_than_minmax():
+    torch.manual_seed(2)
+    w = torch.randn(64, 128)
+    w[:, 0] *= 8  # outliers make clipping worthwhile
+    for bits in (2, 3, 4):
+        for sym in (True, False):
+            plain = rtn(w, QuantSpec(bits, 32, sym))
+            mse = rtn(w, QuantSpec(bits, 32, sym, mse=True))
+            e_plain = (plain.weight - w).abs().pow(2.4).sum()
+            e_mse = (mse.weight - w).abs().pow(2.4).sum()
+            assert e_mse <= e_plain + 1e-4
+    assert (rtn(w, QuantSpec(3, -1, True, mse=True)).weight - w).pow(2).sum() < (
+        rtn(w, QuantSpec(3, -1, True)).weight - w).pow(2).sum()
