@@ -3,7 +3,7 @@
 A stage's key hashes its type, validated params, algorithm version and the key of the
 stage before it (so a change reruns that stage and everything after it, and nothing
 before). Weights flow between stages as overrides: a stage that modifies weights
-saves them in its folder (`weights.safetensors`), and later stages see the base model
+saves them in its folder (`weights-*.safetensors`), and later stages see the base model
 with every upstream override applied.
 """
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sotool import __version__
 from sotool.errors import SotoolError
@@ -26,8 +27,9 @@ from sotool.models.loading import ModelRef, load_model, load_tokenizer, resolve_
 from sotool.progress import make_progress
 from sotool.recipe import LoadedRecipe, StageEntry
 from sotool.rundir import RunDir, content_key, read_json, write_json
+from sotool.tensorio import iter_shards, save_shards
 
-WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS = "weights"  # stem of the shards holding a stage's new weights
 
 
 def pick_device(spec: str) -> torch.device:
@@ -86,7 +88,7 @@ class ModelSession:
             self._model = self.base()
             self._applied = []
         for rec in want[len(self._applied) :]:
-            apply_weights(self._model, load_file(str(rec.dir / WEIGHTS_FILE)))
+            apply_weights(self._model, iter_shards(rec.dir, WEIGHTS))
             self._applied.append(rec.key)
         return self._model
 
@@ -99,11 +101,15 @@ class ModelSession:
         self._applied = []
 
 
-def apply_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def apply_weights(
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> None:
     """Copy named tensors (state_dict names) into the model's parameters in place."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    items = tensors.items() if isinstance(tensors, dict) else tensors
     with torch.no_grad():
-        for name, t in tensors.items():
+        for name, t in items:
             if name not in params:
                 raise SotoolError(f"saved weight {name!r} does not exist in the model")
             params[name].copy_(t.to(params[name].dtype))
@@ -175,12 +181,13 @@ class StageContext:
     def progress(self, description: str, total: int | None) -> Any:
         return self.runner.progress_task(description, total)
 
-    def changed_weights(self) -> dict[str, torch.Tensor]:
+    def changed_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors given to `set_weights`, read back from the model (no copies kept)."""
         params = dict(
             self.runner.session.model(self.upstream).named_parameters(remove_duplicate=False)
         )
-        return {k: params[k].detach().cpu().contiguous() for k in self._new_weights}
+        for k in self._new_weights:
+            yield k, params[k]
 
 
 class Runner:
@@ -314,7 +321,7 @@ class Runner:
                 self.session.drop()  # the in-memory model may be half-modified
                 raise
             if entry.spec.modifies_weights:
-                save_file(ctx.changed_weights(), str(tmp / WEIGHTS_FILE))
+                save_shards(ctx.changed_weights(), tmp, WEIGHTS)
                 self.session.adopt(key)
             seconds = time.perf_counter() - t0
             rec = {

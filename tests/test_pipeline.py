@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sotool.cli import app
+from sotool.tensorio import load_shards
 
 RECIPE = """
 model: {model}
@@ -60,14 +61,14 @@ def test_compress_end_to_end(kind, tiny_models, write_recipe, tmp_path):
     assert (model_dir / "config.json").exists() and (model_dir / "sotool_recipe.yaml").exists()
     loaded = AutoModel.from_pretrained(model_dir)
     stage_dir = next((tmp_path / "run" / "stages").glob("gptq-*"))
-    saved = load_file(str(stage_dir / "weights.safetensors"))
+    saved = load_shards(stage_dir, "weights")
     sd = loaded.state_dict()
     for name, w in saved.items():
         short = name.split(".", 1)[1] if name not in sd else name
         key = name if name in sd else short
         assert torch.equal(sd[key], w), name
     # the weights are exactly the stored 4-bit codes dequantized by their groups
-    q = load_file(str(stage_dir / "quant.safetensors"))
+    q = load_shards(stage_dir, "quant")
     for name, w in saved.items():
         layer = name[: -len(".weight")]
         codes, g_idx = q[f"{layer}.codes"], q[f"{layer}.g_idx"].long()
@@ -116,8 +117,8 @@ def test_interrupted_run_resumes_identically(tiny_models, write_recipe, tmp_path
     assert [s["action"] for s in resumed["stages"]] == ["skipped"] * 2 + ["ran"] * 3
     assert not list(stages.glob(".tmp-*"))
     clean = compress(recipe, tmp_path / "clean")
-    a = load_file(str(next(stages.glob("gptq-*")) / "weights.safetensors"))
-    b = load_file(str(next((tmp_path / "clean" / "stages").glob("gptq-*")) / "weights.safetensors"))
+    a = load_shards(next(stages.glob("gptq-*")), "weights")
+    b = load_shards(next((tmp_path / "clean" / "stages").glob("gptq-*")), "weights")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["stages"][3]["summary"]["ppl"] == clean["stages"][3]["summary"]["ppl"]
 
@@ -198,8 +199,8 @@ def test_sequential_and_cache_agree_on_first_block(tiny_models, write_recipe, tm
     recipe = write_recipe(RECIPE.format(model=tiny_models["llama"], mode="cache"))
     compress(recipe, tmp_path / "a")
     compress(recipe, tmp_path / "b", "--set", "gptq.hessians=sequential")
-    wa = load_file(str(next((tmp_path / "a" / "stages").glob("gptq-*")) / "weights.safetensors"))
-    wb = load_file(str(next((tmp_path / "b" / "stages").glob("gptq-*")) / "weights.safetensors"))
+    wa = load_shards(next((tmp_path / "a" / "stages").glob("gptq-*")), "weights")
+    wb = load_shards(next((tmp_path / "b" / "stages").glob("gptq-*")), "weights")
     first = [k for k in wa if ".layers.0.self_attn." in k and "o_proj" not in k]
     assert first and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in first)
     later = [k for k in wa if ".layers.1." in k]

@@ -67,14 +67,14 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return best_s, best_z
 
 
-def _clip_err(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec
-              ) -> torch.Tensor:
+def _clip_err(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     q = fake_quantize(w, s[..., None], z[..., None], spec.maxq)
     return (q - w).abs().pow(CLIP_NORM).sum(-1)
 
 
-def _grid(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(
+    wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for ranges [wmin ≤ 0, wmax ≥ 0] (per row)."""
     if spec.sym:
         amax = torch.maximum(wmin.abs(), wmax)

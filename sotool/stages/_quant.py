@@ -7,11 +7,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
-from safetensors.torch import save_file
 
 from sotool.algos.quant import QuantResult, QuantSpec
 from sotool.models.blocks import find_blocks, linear_layers
 from sotool.recipe import Strict
+from sotool.tensorio import save_shards
 
 Bits = Literal[2, 3, 4, 8]
 
@@ -122,4 +122,4 @@ class QuantStore:
 
     def save(self, out_dir: Any) -> None:
         meta = {k: f"{v['bits']},{v['group_size']},{int(v['sym'])}" for k, v in self.meta.items()}
-        save_file(self.tensors, str(out_dir / "quant.safetensors"), metadata=meta)
+        save_shards(self.tensors, out_dir, "quant", metadata=meta)

@@ -39,7 +39,10 @@ class GPTQParams(QuantParams):
 
     act_order: bool = Field(True, description="quantize columns by descending Hessian diagonal")
     static_groups: bool = Field(
-        False, description="fit group grids before the sweep (g_idx = i // group_size)"
+        True, description="fit group grids before the sweep (g_idx = i // group_size)"
+    )
+    clip: Literal["minmax", "mse"] = Field(
+        "mse", description="grid range: plain min/max, or the MSE-best shrunk range"
     )
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
     damp: float = Field(0.01, ge=0, description="relative damping λ (raised ×10 on failure)")

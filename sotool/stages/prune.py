@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
-from safetensors.torch import save_file
 
 from sotool.algos.gptq import layer_error
 from sotool.algos.hessian import normalize
@@ -30,6 +29,7 @@ from sotool.registry import register_stage
 from sotool.rundir import write_json
 from sotool.stages._quant import param_layout, target_layers
 from sotool.stages.hessians import HessianStore
+from sotool.tensorio import save_shards
 
 
 class SparsityOverride(Strict):
@@ -126,7 +126,7 @@ def run(ctx: Any, params: PruneParams) -> dict[str, Any]:
             rows.append(row)
             masks[name] = mask.to(torch.uint8).contiguous()
             ctx.set_weights({f"{name}.weight": param_layout(mod, w_new.to(mod.weight.dtype))})
-    save_file(masks, str(ctx.out_dir / "masks.safetensors"))
+    save_shards(masks, ctx.out_dir, "masks")
     write_json(ctx.out_dir / "layers.json", rows)
     out = {
         "method": params.method,

@@ -58,4 +58,5 @@ def test_mse_clip_never_worse_than_minmax():
             e_mse = (mse.weight - w).abs().pow(2.4).sum()
             assert e_mse <= e_plain + 1e-4
     assert (rtn(w, QuantSpec(3, -1, True, mse=True)).weight - w).pow(2).sum() < (
-        rtn(w, QuantSpec(3, -1, True)).weight - w).pow(2).sum()
+        rtn(w, QuantSpec(3, -1, True)).weight - w
+    ).pow(2).sum()

@@ -3,8 +3,8 @@
 import json
 
 import torch
-from safetensors.torch import load_file
 
+from sotool.tensorio import load_shards
 from tests.test_pipeline import compress
 
 RECIPE = """
@@ -34,7 +34,7 @@ def test_sparsegpt_2_4_exported_zeros(tiny_models, write_recipe, tmp_path):
     res, out = run(tiny_models, write_recipe, tmp_path, "sparsegpt", "2:4")
     summ = res["stages"][2]["summary"]
     assert abs(summ["sparsity"] - 0.5) < 1e-6 and summ["ratio"] < 1.0
-    masks = load_file(str(next((out / "stages").glob("prune-*")) / "masks.safetensors"))
+    masks = load_shards(next((out / "stages").glob("prune-*")), "masks")
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     params = dict(model.named_parameters())
     for name, m in masks.items():
@@ -56,8 +56,8 @@ def test_magnitude_and_joint_gptq(tiny_models, write_recipe, tmp_path):
         "unstructured",
         extra="  - gptq: {bits: 4, group_size: 32}",
     )
-    masks = load_file(str(next((out / "stages").glob("prune-*")) / "masks.safetensors"))
-    weights = load_file(str(next((out / "stages").glob("gptq-*")) / "weights.safetensors"))
+    masks = load_shards(next((out / "stages").glob("prune-*")), "masks")
+    weights = load_shards(next((out / "stages").glob("gptq-*")), "weights")
     for name, m in masks.items():
         w = weights[f"{name}.weight"]
         assert (w[m.bool()] == 0).all()  # pruned weights stay exactly zero

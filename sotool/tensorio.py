@@ -1,0 +1,69 @@
+"""Tensors on disk: safetensors shards, written a few tens of MiB at a time so that
+saving never doubles the memory of what is saved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SHARD_BYTES = 64 * 2**20
+
+
+def save_shards(
+    tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
+    folder: Path,
+    stem: str,
+    metadata: dict[str, str] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> list[str]:
+    """Write `stem-00000.safetensors`, `stem-00001...`; returns the file names."""
+    items = tensors.items() if isinstance(tensors, dict) else tensors
+    files: list[str] = []
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal chunk, size
+        name = f"{stem}-{len(files):05d}.safetensors"
+        save_file(chunk, str(Path(folder) / name), metadata=metadata)
+        files.append(name)
+        chunk, size = {}, 0
+
+    for key, t in items:
+        t = t.detach().cpu().contiguous()
+        chunk[key] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    if chunk or not files:
+        flush()
+    return files
+
+
+def shard_files(folder: Path, stem: str) -> list[Path]:
+    return sorted(Path(folder).glob(f"{stem}-*.safetensors"))
+
+
+def iter_shards(folder: Path, stem: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in the shards, one at a time."""
+    for path in shard_files(folder, stem):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                yield key, f.get_tensor(key)
+
+
+def load_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards, as a dict."""
+    return dict(iter_shards(folder, stem))
+
+
+def shard_metadata(folder: Path, stem: str) -> dict[str, str]:
+    files = shard_files(folder, stem)
+    if not files:
+        return {}
+    with safe_open(str(files[0]), framework="pt") as f:
+        return f.metadata() or {}
