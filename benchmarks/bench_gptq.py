@@ -54,8 +54,9 @@ def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
         " 'rss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
     )
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE,
-                       text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, text=True, env=env
+    )
     wall = time.perf_counter() - t0
     res = json.loads(p.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
@@ -80,8 +81,11 @@ def prepare(out: Path, samples: int, windows: int) -> dict[str, str]:
     save_file({"input_ids": calib.contiguous()}, str(out / "calib.safetensors"))
     save_file({"input_ids": ev.contiguous()}, str(out / "eval.safetensors"))
     del torch
-    return {"model": str(model_dir), "calib": str(out / "calib.safetensors"),
-            "eval": str(out / "eval.safetensors")}
+    return {
+        "model": str(model_dir),
+        "calib": str(out / "calib.safetensors"),
+        "eval": str(out / "eval.safetensors"),
+    }
 
 
 def sotool_cmd(*args: str) -> list[str]:
@@ -89,13 +93,27 @@ def sotool_cmd(*args: str) -> list[str]:
 
 
 def sotool_eval(run: Path, windows: int) -> float:
-    _, _, out = measured(sotool_cmd("eval", str(run), "--data", str(WIKI), "--span", "0.8,1",
-                                    "--windows", str(windows), "--seqlen", "512", "--json"))
+    _, _, out = measured(
+        sotool_cmd(
+            "eval",
+            str(run),
+            "--data",
+            str(WIKI),
+            "--span",
+            "0.8,1",
+            "--windows",
+            str(windows),
+            "--seqlen",
+            "512",
+            "--json",
+        )
+    )
     return json.loads(out.strip().splitlines()[-1])["ppl"]
 
 
-def run_sotool(out: Path, name: str, cfg: dict, method: str, samples: int, windows: int,
-               calib_file: str) -> dict:
+def run_sotool(
+    out: Path, name: str, cfg: dict, method: str, samples: int, windows: int, calib_file: str
+) -> dict:
     from safetensors.torch import load_file
 
     gs = cfg["group_size"]
@@ -103,8 +121,8 @@ def run_sotool(out: Path, name: str, cfg: dict, method: str, samples: int, windo
         stages = f"  - rtn: {{bits: {cfg['bits']}, group_size: {gs}, sym: true}}"
     else:
         stages = ("  - hessians: {}\n" if method == "cache" else "") + (
-            f"  - gptq: {{bits: {cfg['bits']}, group_size: {gs}, sym: true, "
-            f"hessians: {method}}}")
+            f"  - gptq: {{bits: {cfg['bits']}, group_size: {gs}, sym: true, hessians: {method}}}"
+        )
     recipe = out / f"{method}.yaml"
     recipe.write_text(RECIPE.format(wiki=WIKI, samples=samples, stages=stages))
     # cache runs share one run directory: the Hessians are computed once for the sweep
@@ -113,32 +131,66 @@ def run_sotool(out: Path, name: str, cfg: dict, method: str, samples: int, windo
     res = json.loads(stdout.strip().splitlines()[-1])
     secs = {s["name"]: s["seconds"] for s in res["stages"]}
     acts = {s["name"]: s["action"] for s in res["stages"]}
-    tokens = load_file(str(run / "stages" / next(
-        d.name for d in (run / "stages").iterdir() if d.name.startswith("calibrate-"))
-        / "tokens.safetensors"))["input_ids"]
+    tokens = load_file(
+        str(
+            run
+            / "stages"
+            / next(d.name for d in (run / "stages").iterdir() if d.name.startswith("calibrate-"))
+            / "tokens.safetensors"
+        )
+    )["input_ids"]
     same = bool((tokens == load_file(calib_file)["input_ids"]).all())
     work = sum(v for k, v in secs.items())  # calibrate + hessians + gptq (+ load)
-    row = {"tool": "sotool", "method": method, "config": name, "process_s": wall,
-           "peak_rss_gib": rss, "stage_s": secs, "actions": acts, "work_s": work,
-           "same_calibration_tokens": same}
+    row = {
+        "tool": "sotool",
+        "method": method,
+        "config": name,
+        "process_s": wall,
+        "peak_rss_gib": rss,
+        "stage_s": secs,
+        "actions": acts,
+        "work_s": work,
+        "same_calibration_tokens": same,
+    }
     row["ppl"] = sotool_eval(run, windows)
     return row
 
 
 def run_peer(out: Path, name: str, cfg: dict, files: dict[str, str], peer_py: str) -> dict:
     res_path = out / f"peer-{name}.json"
-    cmd = [peer_py, str(ROOT / "benchmarks" / "peer" / "run_llmcompressor.py"),
-           "--model", files["model"], "--calib", files["calib"], "--eval", files["eval"],
-           "--method", "gptq", "--bits", str(cfg["bits"]), "--group-size",
-           str(cfg["group_size"]), "--sym", "--out", str(res_path)]
+    cmd = [
+        peer_py,
+        str(ROOT / "benchmarks" / "peer" / "run_llmcompressor.py"),
+        "--model",
+        files["model"],
+        "--calib",
+        files["calib"],
+        "--eval",
+        files["eval"],
+        "--method",
+        "gptq",
+        "--bits",
+        str(cfg["bits"]),
+        "--group-size",
+        str(cfg["group_size"]),
+        "--sym",
+        "--out",
+        str(res_path),
+    ]
     wall, rss, _ = measured(cmd)
     r = json.loads(res_path.read_text())
     if "error" in r:
-        return {"tool": "llm-compressor", "config": name, "method": "peer",
-                "error": r["error"]}
-    return {"tool": "llm-compressor", "method": "peer", "config": name, "ppl": r["ppl"],
-            "work_s": r["oneshot_s"], "peak_rss_gib": r.get("peak_rss_oneshot_gib"),
-            "process_s": wall, "version": r.get("version")}
+        return {"tool": "llm-compressor", "config": name, "method": "peer", "error": r["error"]}
+    return {
+        "tool": "llm-compressor",
+        "method": "peer",
+        "config": name,
+        "ppl": r["ppl"],
+        "work_s": r["oneshot_s"],
+        "peak_rss_gib": r.get("peak_rss_oneshot_gib"),
+        "process_s": wall,
+        "version": r.get("version"),
+    }
 
 
 def table(results: dict, original: float | None) -> None:
@@ -157,12 +209,15 @@ def table(results: dict, original: float | None) -> None:
             if "error" in r:
                 t.add_row(name, m, "refused", "", "", "", "", style="dim")
                 continue
-            tr = (f"{r['work_s'] / peer['work_s']:.2f}" if peer.get("work_s") and m != "peer"
-                  else "")
-            mr = (f"{r['peak_rss_gib'] / peer['peak_rss_gib']:.2f}"
-                  if peer.get("peak_rss_gib") and m != "peer" else "")
-            t.add_row(name, m, f"{r['ppl']:.3f}", f"{r['work_s']:.1f}",
-                      f"{r['peak_rss_gib']:.2f}", tr, mr)
+            tr = f"{r['work_s'] / peer['work_s']:.2f}" if peer.get("work_s") and m != "peer" else ""
+            mr = (
+                f"{r['peak_rss_gib'] / peer['peak_rss_gib']:.2f}"
+                if peer.get("peak_rss_gib") and m != "peer"
+                else ""
+            )
+            t.add_row(
+                name, m, f"{r['ppl']:.3f}", f"{r['work_s']:.1f}", f"{r['peak_rss_gib']:.2f}", tr, mr
+            )
     Console().print(t)
 
 
@@ -173,8 +228,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
-    ap.add_argument("--peer-python", default=str(ROOT / "benchmarks" / ".venv-peer" / "bin"
-                                                 / "python"))
+    ap.add_argument(
+        "--peer-python", default=str(ROOT / "benchmarks" / ".venv-peer" / "bin" / "python")
+    )
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -188,11 +244,21 @@ def main() -> None:
     methods = args.methods.split(",")
     if "peer" in methods and not Path(args.peer_python).exists():
         log("setting up the llm-compressor environment (benchmarks/peer/setup_peer.sh)")
-        subprocess.run(["bash", str(ROOT / "benchmarks" / "peer" / "setup_peer.sh")],
-                       check=True)
+        subprocess.run(["bash", str(ROOT / "benchmarks" / "peer" / "setup_peer.sh")], check=True)
     if "original" not in results:
-        _, _, o = measured(sotool_cmd("eval", "smollm2-135m", "--data", str(WIKI), "--span",
-                                      "0.8,1", "--windows", str(args.windows), "--json"))
+        _, _, o = measured(
+            sotool_cmd(
+                "eval",
+                "smollm2-135m",
+                "--data",
+                str(WIKI),
+                "--span",
+                "0.8,1",
+                "--windows",
+                str(args.windows),
+                "--json",
+            )
+        )
         results["original"] = {"ppl": json.loads(o.strip().splitlines()[-1])["ppl"]}
         res_file.write_text(json.dumps(results, indent=2))
     for name in args.configs.split(","):
@@ -204,8 +270,9 @@ def main() -> None:
             if m == "peer":
                 results[key] = run_peer(out, name, CONFIGS[name], files, args.peer_python)
             else:
-                results[key] = run_sotool(out, name, CONFIGS[name], m, args.samples,
-                                          args.windows, files["calib"])
+                results[key] = run_sotool(
+                    out, name, CONFIGS[name], m, args.samples, args.windows, files["calib"]
+                )
             log(f"{key}: {json.dumps(results[key])}")
             res_file.write_text(json.dumps(results, indent=2))
     table(results, results["original"]["ppl"])

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from sotool import __version__
 from sotool.errors import SotoolError
+from sotool.memory import release
 from sotool.models.loading import ModelRef, load_model, load_tokenizer, resolve_model
 from sotool.progress import make_progress
 from sotool.recipe import LoadedRecipe, StageEntry
@@ -324,6 +325,7 @@ class Runner:
                 save_shards(ctx.changed_weights(), tmp, WEIGHTS)
                 self.session.adopt(key)
             seconds = time.perf_counter() - t0
+            release()
             rec = {
                 "name": entry.name,
                 "key": key,

@@ -67,3 +67,41 @@ def shard_metadata(folder: Path, stem: str) -> dict[str, str]:
         return {}
     with safe_open(str(files[0]), framework="pt") as f:
         return f.metadata() or {}
+
+
+class ShardWriter:
+    """Streams tensors into safetensors shards as they come (at most one shard in memory)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        stem: str,
+        metadata: dict[str, str] | None = None,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> None:
+        self.folder, self.stem, self.metadata = Path(folder), stem, metadata
+        self.shard_bytes = shard_bytes
+        self.files: list[str] = []
+        self._chunk: dict[str, torch.Tensor] = {}
+        self._size = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().clone()  # own storage: views of batched results share it
+        self._chunk[key] = t
+        self._size += t.numel() * t.element_size()
+        if self._size >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = f"{self.stem}-{len(self.files):05d}.safetensors"
+        save_file(self._chunk, str(self.folder / name), metadata=self.metadata)
+        self.files.append(name)
+        self._chunk, self._size = {}, 0
+
+    def close(self, metadata: dict[str, str] | None = None) -> list[str]:
+        """Write what is left; `metadata` (if given) goes into this last shard."""
+        if metadata is not None:
+            self.metadata = {**(self.metadata or {}), **metadata}
+        if self._chunk or not self.files:
+            self._flush()
+        return self.files

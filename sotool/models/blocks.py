@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sotool.errors import SotoolError
+from sotool.memory import release
 
 # Where the ModuleList of transformer blocks lives, per architecture family.
 BLOCK_PATHS = [
@@ -295,6 +296,8 @@ def iterate_blocks(
         if i + 1 < n:
             inputs = BlockInputs(runner.outputs(), inputs.args, inputs.kwargs)
         runner.next_hidden = None
+        del runner
+        release()
         if device.type != "cpu":
             block.to("cpu")
         if on_block:

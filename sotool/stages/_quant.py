@@ -11,7 +11,8 @@ from pydantic import Field, field_validator
 from sotool.algos.quant import QuantResult, QuantSpec
 from sotool.models.blocks import find_blocks, linear_layers
 from sotool.recipe import Strict
-from sotool.tensorio import save_shards
+from sotool.rundir import write_json
+from sotool.tensorio import ShardWriter
 
 Bits = Literal[2, 3, 4, 8]
 
@@ -107,19 +108,26 @@ def param_layout(module: torch.nn.Module, w: torch.Tensor) -> torch.Tensor:
 
 
 class QuantStore:
-    """Collects per-layer codes/scales/zeros/g_idx and writes quant.safetensors."""
+    """Streams per-layer codes/scales/zeros/g_idx into `quant-*.safetensors` shards; the
+    grid of each layer goes into `quant.json`."""
 
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
+    def __init__(self, out_dir: Any) -> None:
+        self.out_dir = out_dir
+        self.writer = ShardWriter(out_dir, "quant")
         self.meta: dict[str, dict[str, Any]] = {}
 
     def add(self, name: str, res: QuantResult, spec: QuantSpec) -> None:
-        self.tensors[f"{name}.codes"] = res.codes.cpu().clone()
-        self.tensors[f"{name}.scale"] = res.scale.cpu().float().clone()
-        self.tensors[f"{name}.zero"] = res.zero.cpu().float().clone()
-        self.tensors[f"{name}.g_idx"] = res.g_idx.cpu().to(torch.int32).clone()
-        self.meta[name] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
+        self.writer.add(f"{name}.codes", res.codes)
+        self.writer.add(f"{name}.scale", res.scale.float())
+        self.writer.add(f"{name}.zero", res.zero.float())
+        self.writer.add(f"{name}.g_idx", res.g_idx.to(torch.int32))
+        self.meta[name] = {
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "sym": spec.sym,
+            "clip": "mse" if spec.mse else "minmax",
+        }
 
-    def save(self, out_dir: Any) -> None:
-        meta = {k: f"{v['bits']},{v['group_size']},{int(v['sym'])}" for k, v in self.meta.items()}
-        save_shards(self.tensors, out_dir, "quant", metadata=meta)
+    def save(self) -> None:
+        self.writer.close()
+        write_json(self.out_dir / "quant.json", self.meta)

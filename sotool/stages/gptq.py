@@ -28,6 +28,7 @@ from sotool.algos.gptq import GPTQResult, gptq_batch, layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import QuantResult, QuantSpec, rtn
 from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
+from sotool.memory import release
 from sotool.registry import register_stage
 from sotool.rundir import write_json
 from sotool.stages._quant import QuantParams, QuantStore, param_layout, target_layers
@@ -53,7 +54,7 @@ class GPTQParams(QuantParams):
         True, description="sequential mode: groups inside a block see earlier groups quantized"
     )
     batch_bytes: int = Field(
-        256 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
+        160 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
     )
 
 
@@ -171,7 +172,7 @@ def _report(ctx: Any, rows: list[dict[str, Any]]) -> None:
 )
 def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
     model = ctx.model()
-    store = QuantStore()
+    store = QuantStore(ctx.out_dir)
     rows: list[dict[str, Any]] = []
     keep = None
     if ctx.find("prune") is not None:  # joint sparsity: pruned weights stay zero
@@ -189,7 +190,7 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
             shapes[(spec, out_rows, cols)].append(names)
         jobs = []
         for (spec, r, c), probs in shapes.items():
-            per = 4 * (5 * r * c + 3 * c * c)  # W, W1/Err1 copies, codes; H, U
+            per = 4 * (6 * r * c + 5 * c * c)  # W and its copies, codes; H, its copies, U
             jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
         with ctx.progress("gptq: solving", len(layers)) as bar:
             for spec, chunk in jobs:
@@ -199,6 +200,8 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                     problems.append(({x: layers[x] for x in names}, s, n))
                 results, r = solve_batch(problems, spec, params, keep, ctx.device)
                 _commit(ctx, layers, results, store, spec)
+                del problems, results
+                release(collect=False)
                 rows += r
                 bar.advance(len(r))
     else:
@@ -221,7 +224,7 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                         _commit(ctx, runner.layers, results, store, spec)
                         rows += r
                 bar.advance()
-    store.save(ctx.out_dir)
+    store.save()
     write_json(ctx.out_dir / "layers.json", rows)
     _report(ctx, rows)
     g = sum(r["gptq_loss"] for r in rows)

@@ -31,7 +31,7 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
     layers = target_layers(model)
     hrec = ctx.find("hessians")
     hstore = HessianStore(hrec.dir) if hrec is not None else None
-    store = QuantStore()
+    store = QuantStore(ctx.out_dir)
     rows: list[dict[str, Any]] = []
     with ctx.progress("rtn layers", len(layers)) as bar:
         for name, mod in layers.items():
@@ -61,7 +61,7 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
             rows.append(row)
             ctx.set_weights({f"{name}.weight": param_layout(mod, res.weight.to(mod.weight.dtype))})
             store.add(name, res, spec)
-    store.save(ctx.out_dir)
+    store.save()
     write_json(ctx.out_dir / "layers.json", rows)
     return {
         "layers": len(rows),
