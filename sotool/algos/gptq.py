@@ -155,47 +155,48 @@ def gptq_batch(
 
     U, lam, retries, failed = damped_inverse_cholesky(H, damp)
     del H
-    bidx = torch.arange(B, device=dev)
 
     codes = torch.zeros(B, rows, cols, device=dev)  # in permuted order
+    fixed_grid = not grouped or static_groups  # every column's grid is known up front
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[..., i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[:, i1:i2, i1:i2]
+        dinv = 1.0 / torch.diagonal(U1, dim1=-2, dim2=-1)  # (B, bs)
+        if fixed_grid:  # (B, R, bs) scale/zero of each column of this block
+            gcols = perm[:, i1:i2] // gs if grouped else torch.zeros_like(perm[:, i1:i2])
+            gather_idx = gcols[:, None, :].expand(-1, rows, -1)
+            S1, Z1 = scale.gather(2, gather_idx), zero.gather(2, gather_idx)
         for i in range(i2 - i1):
             col = i1 + i
-            if grouped and not static_groups and col % gs == 0:
-                # fit this group on its current, error-updated values
-                end = min(col + gs, cols)
-                cur = W1[..., i : min(end - i1, i2 - i1)]
-                if end > i2:
-                    rest = W[..., i2:end] - Err1[..., :i] @ U[:, i1:col, i2:end]
-                    cur = torch.cat([cur, rest], dim=-1)
-                s, z = fit_qparams(cur, spec)
-                scale[..., col // gs], zero[..., col // gs] = s, z
-            if grouped and static_groups:
-                g = perm[:, col] // gs  # (B,) group of the original column
-                s, z = scale[bidx, :, g], zero[bidx, :, g]
+            if fixed_grid:
+                s, z = S1[..., i], Z1[..., i]
             else:
-                g = col // gs if grouped else 0
+                g = col // gs
+                if col % gs == 0:
+                    # fit this group on its current, error-updated values
+                    end = min(col + gs, cols)
+                    cur = W1[..., i : min(end - i1, i2 - i1)]
+                    if end > i2:
+                        rest = W[..., i2:end] - Err1[..., :i] @ U[:, i1:col, i2:end]
+                        cur = torch.cat([cur, rest], dim=-1)
+                    fs, fz = fit_qparams(cur, spec)
+                    scale[..., g], zero[..., g] = fs, fz
                 s, z = scale[..., g], zero[..., g]
-                if grouped and act_order:
-                    g_idx.scatter_(
-                        1,
-                        perm[:, col : col + 1],
-                        torch.full((B, 1), g, dtype=torch.int32, device=dev),
-                    )
             wc = W1[..., i]  # (B, R)
             q = quantize(wc, s, z, spec.maxq)
             if keep is not None:
                 q = torch.where(keep[..., col], q, z)
             codes[..., col] = q
-            err = (wc - s * (q - z)) / U1[:, i, i][:, None]
+            err = (wc - s * (q - z)) * dinv[:, i : i + 1]
             W1[..., i:] -= err[..., None] * U1[:, i, i:][:, None, :]
             Err1[..., i] = err
         W[..., i2:] -= Err1 @ U[:, i1:i2, i2:]
 
+    if grouped and act_order and not static_groups:  # column at position j is in group j//gs
+        pos_group = (torch.arange(cols, device=dev) // gs).to(torch.int32).repeat(B, 1)
+        g_idx.scatter_(1, perm, pos_group)
     codes = _take_cols(codes, torch.argsort(perm, dim=-1))
     out = []
     for b in range(B):

@@ -37,5 +37,5 @@ def normalize(sum_xxt: torch.Tensor, count: int) -> torch.Tensor:
 
 def weighted_error(delta_w: torch.Tensor, h: torch.Tensor) -> float:
     """The layer objective ‖ΔW X‖²/n = tr(ΔW H ΔWᵀ) for ΔW (out × in), H (in × in)."""
-    dw = delta_w.to(torch.float64)
-    return float(((dw @ h.to(torch.float64)) * dw).sum())
+    dw = delta_w.float()
+    return float(((dw @ h.float()) * dw).sum(dtype=torch.float64))

@@ -27,8 +27,8 @@ from pydantic import Field
 from sotool.algos.gptq import GPTQResult, gptq_batch, layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import QuantResult, QuantSpec, rtn
-from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
 from sotool.memory import release
+from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
 from sotool.registry import register_stage
 from sotool.rundir import write_json
 from sotool.stages._quant import QuantParams, QuantStore, param_layout, target_layers
