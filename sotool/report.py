@@ -73,17 +73,33 @@ def layer_table(
     descending: bool = True,
 ) -> Table:
     cols = [c for c in LAYER_COLUMNS if any(c in r for r in rows)]
-    if sort:
+    if sort == "layer":  # model order
         rows = sorted(
-            rows, key=lambda r: (r.get(sort) is None, r.get(sort) or 0), reverse=descending
+            rows, key=lambda r: [int(p) if p.isdigit() else p for p in str(r["layer"]).split(".")]
         )
-        rows = sorted(rows, key=lambda r: r.get(sort) is None)
+    elif sort:
+        rows = sorted(
+            rows,
+            key=lambda r: (
+                r.get(sort) is None,
+                -(r.get(sort) or 0) if descending else (r.get(sort) or 0),
+            ),
+        )
     shown = rows[:top] if top else rows
     t = Table(title=title, header_style="bold", pad_edge=False, expand=False)
+    min_width = {
+        "shape": 8,
+        "h_trace": 8,
+        "gptq_loss": 8,
+        "rtn_loss": 8,
+        "obs_loss": 8,
+        "magnitude_loss": 8,
+    }
     for c in cols:
         head = LAYER_COLUMNS[c][0]
         t.add_column(
             head,
+            min_width=min_width.get(c),
             justify="left" if c in ("layer", "shape") else "right",
             no_wrap=c == "layer",
             overflow="ellipsis",
