@@ -70,18 +70,24 @@ def test_calibrate_stage_sources(source, tiny_models, write_recipe, tmp_path):
 
     if source == "jsonl":
         data = tmp_path / "c.jsonl"
-        data.write_text("\n".join(json.dumps({"body": sources.pydoc_text()[i:i + 4000]})
-                                  for i in range(0, 40000, 4000)))
+        data.write_text(
+            "\n".join(
+                json.dumps({"body": sources.pydoc_text()[i : i + 4000]})
+                for i in range(0, 40000, 4000)
+            )
+        )
         spec = f"{{source: {data}, field: body, samples: 3, seqlen: 16}}"
     else:
         spec = f"{{source: {source}, samples: 3, seqlen: 16}}"
-    recipe = write_recipe(f"model: {tiny_models['llama']}\ncalibration: {spec}\n"
-                          "stages:\n  - calibrate: {}\n")
+    recipe = write_recipe(
+        f"model: {tiny_models['llama']}\ncalibration: {spec}\nstages:\n  - calibrate: {{}}\n"
+    )
     res = compress(recipe, tmp_path / "run")
     assert res["stages"][0]["summary"]["samples"] == 3
     from safetensors.torch import load_file
 
-    tokens = load_file(str(next((tmp_path / "run" / "stages").glob("calibrate-*"))
-                           / "tokens.safetensors"))["input_ids"]
+    tokens = load_file(
+        str(next((tmp_path / "run" / "stages").glob("calibrate-*")) / "tokens.safetensors")
+    )["input_ids"]
     assert tokens.shape == (3, 16) and tokens.dtype == torch.int64
     assert int(tokens.max()) < 384
