@@ -67,10 +67,13 @@ def damped_inverse_cholesky(
         mean_diag = float(torch.diagonal(h64).mean())
         lam = float(damp)
         for attempt in range(max_retries + 1):
-            chol, info = torch.linalg.cholesky_ex(h64 + (lam * mean_diag) * eye)
+            # H = V Vᵀ with V upper triangular (the Cholesky factor of H with rows and
+            # columns reversed); then H⁻¹ = V⁻ᵀV⁻¹ = UᵀU with U = V⁻¹ upper: the factor
+            # GPTQ needs, without forming H⁻¹.
+            chol, info = torch.linalg.cholesky_ex((h64 + (lam * mean_diag) * eye).flip(0, 1))
             if int(info) == 0:
-                u, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-                if int(info2) == 0 and bool(torch.isfinite(u).all()):
+                u = torch.linalg.solve_triangular(chol.flip(0, 1), eye, upper=True)
+                if bool(torch.isfinite(u).all()):
                     out[k] = u.to(torch.float32)
                     break
             if attempt == max_retries:

@@ -102,3 +102,14 @@ def test_batched_equals_single(static):
         assert torch.allclose(batch[b].weight, one.weight, atol=1e-5)
         assert torch.equal(batch[b].g_idx, one.g_idx)
         assert batch[b].retries == one.retries and batch[b].damp == one.damp
+
+
+def test_inverse_cholesky_factor():
+    from sotool.algos.gptq import damped_inverse_cholesky
+
+    _, h = correlated_problem(7, cols=64)
+    u, lam, retries, failed = damped_inverse_cholesky(h[None], 0.01)
+    hd = h.double() + 0.01 * h.diagonal().double().mean() * torch.eye(64, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    assert torch.allclose(u[0].double(), want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(u[0], torch.triu(u[0])) and not failed[0] and retries[0] == 0
