@@ -223,6 +223,8 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                         results, r = solve_batch([problem], spec, params, keep, ctx.device)
                         _commit(ctx, runner.layers, results, store, spec)
                         rows += r
+                    del acc
+                    release(collect=False)
                 bar.advance()
     store.save()
     write_json(ctx.out_dir / "layers.json", rows)
