@@ -37,14 +37,15 @@ class QuantSpec:
 
 
 CLIP_STEPS = 20  # shrink factors 1.0, 0.975, ..., 0.525 tried by the MSE search
-CLIP_NORM = 2.4  # error norm of the search (as in the GPTQ reference code)
+_VECTOR_LIMIT = 8_000_000  # elements of w × steps searched in one tensor op
 
 
 def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for each row of w (..., rows, cols), over all its columns.
 
     With `spec.mse`, the range [min, max] is shrunk by the factor (of CLIP_STEPS) that
-    minimises Σ|w − Q(w)|^2.4 per row, trading clipped outliers for a finer grid.
+    minimises the squared rounding error Σ(w − Q(w))² per row, trading clipped
+    outliers for a finer grid.
 
     Returns:
         scale (..., rows) float32 > 0, zero (..., rows) float32 holding integers.
@@ -54,10 +55,16 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     wmax = torch.clamp(w.amax(dim=-1), min=0)
     if not spec.mse:
         return _grid(wmin, wmax, spec)
+    shrink = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=w.dtype) / (2 * CLIP_STEPS)
+    if w.numel() * CLIP_STEPS <= _VECTOR_LIMIT:  # all candidates at once
+        view = (-1,) + (1,) * wmin.dim()
+        s, z = _grid(wmin[None] * shrink.view(view), wmax[None] * shrink.view(view), spec)
+        err = _clip_err(w[None], s, z, spec)  # (steps, ..., rows)
+        best = err.argmin(0, keepdim=True)
+        return s.gather(0, best)[0], z.gather(0, best)[0]
     best_s, best_z = _grid(wmin, wmax, spec)
     best_err = _clip_err(w, best_s, best_z, spec)
-    for i in range(1, CLIP_STEPS):
-        p = 1 - i / (CLIP_STEPS / 0.5)
+    for p in shrink[1:].tolist():
         s, z = _grid(wmin * p, wmax * p, spec)
         err = _clip_err(w, s, z, spec)
         better = err < best_err
@@ -68,8 +75,8 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
 
 
 def _clip_err(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    q = fake_quantize(w, s[..., None], z[..., None], spec.maxq)
-    return (q - w).abs().pow(CLIP_NORM).sum(-1)
+    d = fake_quantize(w, s[..., None], z[..., None], spec.maxq) - w
+    return (d * d).sum(-1)
 
 
 def _grid(
