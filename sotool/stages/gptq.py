@@ -48,7 +48,9 @@ class GPTQParams(QuantParams):
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
     damp: float = Field(0.01, ge=0, description="relative damping λ (raised ×10 on failure)")
     hessians: Literal["cache", "sequential"] = Field(
-        "cache", description="cache: from the `hessians` stage; sequential: the paper's way"
+        "sequential",
+        description="sequential: the paper's way (best quality); cache: from the `hessians` "
+        "stage (fast sweeps)",
     )
     true_sequential: bool = Field(
         True, description="sequential mode: groups inside a block see earlier groups quantized"
