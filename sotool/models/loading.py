@@ -37,6 +37,14 @@ class ModelRef:
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
+def _quiet() -> None:
+    """Silence transformers' own tqdm bars (sotool draws its own progress on stderr)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SOTOOL_CACHE", Path.home() / ".cache" / "sotool"))
 
@@ -101,6 +109,7 @@ def gguf_to_dir(path: Path) -> Path:
 
     from sotool.rundir import content_key
 
+    _quiet()
     key = content_key(_file_fp(path))[:16]
     out = cache_root() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").exists() and list(out.glob("*.safetensors")):
@@ -140,6 +149,7 @@ def load_model(ref: ModelRef, dtype: str = "float32") -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     src = model_dir(ref)
+    _quiet()
     try:
         config = AutoConfig.from_pretrained(src, local_files_only=True)
     except Exception as e:  # noqa: BLE001
