@@ -134,3 +134,11 @@ def test_register_twice_rejected():
 
     with pytest.raises(ValueError):
         register_stage("rtn", Strict, help="dup")(lambda ctx, p: {})
+
+
+def test_bad_regex_in_prune_params(write_recipe):
+    text = recipe_text().replace(
+        "- rtn: {bits: 4, group_size: 32}", "- prune: {ignore: ['lm_head(']}"
+    )
+    msg = err_of(write_recipe(text))
+    assert "stages[1].prune.ignore" in msg and "invalid regex" in msg

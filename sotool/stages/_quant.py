@@ -23,6 +23,16 @@ def _group_ok(v: int) -> int:
     return v
 
 
+def check_regexes(patterns: list[str]) -> list[str]:
+    """Validate regexes for pydantic validators (a ValueError names the bad one)."""
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"invalid regex {p!r}: {e}") from e
+    return patterns
+
+
 class LayerOverride(Strict):
     """Per-layer settings for the layers whose name matches `pattern` (a regex)."""
 

@@ -27,7 +27,7 @@ from sotool.models.blocks import weight_matrix
 from sotool.recipe import Strict
 from sotool.registry import register_stage
 from sotool.rundir import write_json
-from sotool.stages._quant import param_layout, target_layers
+from sotool.stages._quant import check_regexes, param_layout, target_layers
 from sotool.stages.hessians import HessianStore
 from sotool.tensorio import save_shards
 
@@ -38,6 +38,11 @@ class SparsityOverride(Strict):
     pattern: str
     sparsity: float | None = Field(None, ge=0, lt=1)
     skip: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        return check_regexes([v])[0]
 
 
 class PruneParams(Strict):
@@ -64,6 +69,11 @@ class PruneParams(Strict):
     def _pattern(cls, v: str) -> str:
         Pattern.parse(v, 0.5)
         return v
+
+    @field_validator("ignore")
+    @classmethod
+    def _ignore(cls, v: list[str]) -> list[str]:
+        return check_regexes(v)
 
     def pattern_for(self, name: str) -> Pattern | None:
         if any(re.search(p, name) for p in self.ignore):
