@@ -81,12 +81,7 @@ class QuantParams(Strict):
     @field_validator("ignore")
     @classmethod
     def _ignore(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"invalid regex {p!r}: {e}") from e
-        return v
+        return check_regexes(v)
 
     def spec_for(self, name: str) -> QuantSpec | None:
         """The grid for layer `name`, or None when it is ignored/skipped."""
