@@ -66,7 +66,6 @@ def measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, 
 
 def prepare(out: Path, samples: int, windows: int) -> dict[str, str]:
     """Model dir and the shared calibration / evaluation token files."""
-    import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -80,7 +79,6 @@ def prepare(out: Path, samples: int, windows: int) -> dict[str, str]:
     ev = sources.consecutive_windows(sources.span_of(stream, (0.8, 1.0)), windows, 512, "b")
     save_file({"input_ids": calib.contiguous()}, str(out / "calib.safetensors"))
     save_file({"input_ids": ev.contiguous()}, str(out / "eval.safetensors"))
-    del torch
     return {
         "model": str(model_dir),
         "calib": str(out / "calib.safetensors"),

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sotool.pipeline import StageRecord, load_run
+from sotool.pipeline import load_run
 from sotool.rundir import read_json
 
 LAYER_COLUMNS = {
@@ -187,7 +187,3 @@ def print_report(
             console.print(msg)
     console.print(totals_table(data))
     return data
-
-
-def records_of(run_dir: str | Path) -> list[StageRecord]:
-    return load_run(run_dir)[2]

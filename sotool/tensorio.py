@@ -21,27 +21,10 @@ def save_shards(
     shard_bytes: int = SHARD_BYTES,
 ) -> list[str]:
     """Write `stem-00000.safetensors`, `stem-00001...`; returns the file names."""
-    items = tensors.items() if isinstance(tensors, dict) else tensors
-    files: list[str] = []
-    chunk: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal chunk, size
-        name = f"{stem}-{len(files):05d}.safetensors"
-        save_file(chunk, str(Path(folder) / name), metadata=metadata)
-        files.append(name)
-        chunk, size = {}, 0
-
-    for key, t in items:
-        t = t.detach().cpu().contiguous()
-        chunk[key] = t
-        size += t.numel() * t.element_size()
-        if size >= shard_bytes:
-            flush()
-    if chunk or not files:
-        flush()
-    return files
+    writer = ShardWriter(folder, stem, metadata, shard_bytes)
+    for key, t in tensors.items() if isinstance(tensors, dict) else tensors:
+        writer.add(key, t)
+    return writer.close()
 
 
 def shard_files(folder: Path, stem: str) -> list[Path]:
@@ -59,14 +42,6 @@ def iter_shards(folder: Path, stem: str) -> Iterator[tuple[str, torch.Tensor]]:
 def load_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     """Every tensor of the shards, as a dict."""
     return dict(iter_shards(folder, stem))
-
-
-def shard_metadata(folder: Path, stem: str) -> dict[str, str]:
-    files = shard_files(folder, stem)
-    if not files:
-        return {}
-    with safe_open(str(files[0]), framework="pt") as f:
-        return f.metadata() or {}
 
 
 class ShardWriter:

@@ -69,18 +69,6 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
-def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
-    """Write an [out, in] matrix into the layer's weight, in place."""
-    with torch.no_grad():
-        target = module.weight
-        src = w.t() if type(module).__name__ == "Conv1D" else w
-        target.copy_(src.to(target.dtype))
-
-
-def weight_param_name(layer_name: str) -> str:
-    return f"{layer_name}.weight"
-
-
 def linear_layers(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
     """Full dotted name -> Linear/Conv1D module, in definition order."""
     return {

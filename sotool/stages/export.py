@@ -12,7 +12,6 @@ to it, and with `path` it is also copied there.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from pathlib import Path
@@ -114,5 +113,4 @@ def run(ctx: Any, params: ExportParams) -> dict[str, Any]:
         os.replace(tmp, dest)
     info = {"format": params.format, "dir": str(final), "bytes": size}
     ctx.console.print(f"  exported {params.format} model: {size / 2**20:.1f} MiB → {final}")
-    json.dumps(info)
     return info

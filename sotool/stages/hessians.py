@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sotool.algos.hessian import HessianSum
-from sotool.models.blocks import BlockRunner, iterate_blocks
+from sotool.models.blocks import BlockRunner, find_blocks, iterate_blocks
 from sotool.recipe import Strict
 from sotool.registry import register_stage
 from sotool.rundir import read_json, write_json
@@ -111,8 +111,6 @@ def run(ctx: Any, params: HessiansParams) -> dict[str, Any]:
     tokens = ctx.calibration_tokens()
     index: dict[str, dict[str, Any]] = {}
     bs = ctx.recipe.calibration.batch_size
-    from sotool.models.blocks import find_blocks
-
     nblocks = len(find_blocks(model)[1])
     with ctx.progress("hessians: blocks", nblocks) as bar:
         for runner in iterate_blocks(model, tokens, device=ctx.device, batch_size=bs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from sotool.algos.gptq import layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import rtn
 from sotool.models.blocks import weight_matrix
@@ -52,8 +53,6 @@ def run(ctx: Any, params: RTNParams) -> dict[str, Any]:
             }
             if hstore is not None and name in hstore:
                 s, n = hstore.get(name)
-                from sotool.algos.gptq import layer_error
-
                 h = normalize(s, n)
                 row["rtn_loss"] = layer_error(w, res.weight, h)
                 row["h_trace"] = float(h.diagonal().sum())
