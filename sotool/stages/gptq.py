@@ -32,7 +32,7 @@ from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
 from sotool.registry import register_stage
 from sotool.rundir import write_json
 from sotool.stages._quant import QuantParams, QuantStore, param_layout, target_layers
-from sotool.stages.hessians import HessianStore, collect
+from sotool.stages.hessians import HessianStore, SharedInputAccumulator, collect
 
 
 class GPTQParams(QuantParams):
@@ -207,27 +207,7 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                 rows += r
                 bar.advance(len(r))
     else:
-        tokens = ctx.calibration_tokens()
-        bs = ctx.recipe.calibration.batch_size
-        nblocks = len(find_blocks(model)[1])
-        with ctx.progress("gptq: blocks (sequential)", nblocks) as bar:
-            for runner in iterate_blocks(model, tokens, device=ctx.device, batch_size=bs):
-                wanted = [n for n in runner.layers if params.spec_for(n) is not None]
-                groups = runner.input_groups() if params.true_sequential else [wanted]
-                for group in groups:
-                    group = [n for n in group if n in wanted]
-                    if not group:
-                        continue
-                    acc = collect(runner, group, early_stop=True)
-                    for (key, spec), names in _bucket(group, acc.alias, params).items():
-                        hsum = acc.sums[key]
-                        problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
-                        results, r = solve_batch([problem], spec, params, keep, ctx.device)
-                        _commit(ctx, runner.layers, results, store, spec)
-                        rows += r
-                    del acc
-                    release(collect=False)
-                bar.advance()
+        rows = _sequential(ctx, model, params, store, keep)
     store.save()
     write_json(ctx.out_dir / "layers.json", rows)
     _report(ctx, rows)
@@ -247,6 +227,67 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
         "fallback_layers": sum(1 for r in rows if r["fallback"]),
         "solve_seconds": round(time.perf_counter() - t_all, 3),
     }
+
+
+def _sequential(
+    ctx: Any,
+    model: torch.nn.Module,
+    params: GPTQParams,
+    store: QuantStore,
+    keep: dict[str, torch.Tensor] | None,
+) -> list[dict[str, Any]]:
+    """The paper's procedure, block by block on the outputs of the quantized blocks before.
+
+    With `true_sequential`, one pass per block: every batch pauses before each group of
+    layers sharing an input until the group is quantized (BlockRunner.forward_in_stages).
+    Without it, each block's Hessians come from one pass with its original weights and a
+    second pass computes its quantized outputs.
+    """
+    rows: list[dict[str, Any]] = []
+    tokens = ctx.calibration_tokens()
+    bs = ctx.recipe.calibration.batch_size
+    nblocks = len(find_blocks(model)[1])
+    relative: list[list[str]] | None = None  # block 0's groups, names without the prefix
+
+    def solve(runner: Any, acc: SharedInputAccumulator, group: list[str]) -> None:
+        for (key, spec), names in _bucket(group, acc.alias, params).items():
+            hsum = acc.sums[key]
+            problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
+            results, r = solve_batch([problem], spec, params, keep, ctx.device)
+            _commit(ctx, runner.layers, results, store, spec)
+            rows.extend(r)
+
+    with ctx.progress("gptq: blocks (sequential)", nblocks) as bar:
+        for runner in iterate_blocks(model, tokens, device=ctx.device, batch_size=bs):
+            wanted = [n for n in runner.layers if params.spec_for(n) is not None]
+            if not params.true_sequential:
+                acc = collect(runner, wanted, early_stop=True)
+                solve(runner, acc, wanted)
+            else:
+                if relative is None:
+                    cut = len(runner.prefix) + 1
+                    relative = [[n[cut:] for n in g] for g in runner.input_groups()]
+                groups = [
+                    [f"{runner.prefix}.{n}" for n in g if f"{runner.prefix}.{n}" in wanted]
+                    for g in relative
+                ]
+                groups = [g for g in groups if g]
+                accs = [SharedInputAccumulator() for _ in groups]
+
+                def arrive(k: int, x: torch.Tensor, groups=groups, accs=accs, runner=runner):
+                    accs[k].reset_batch()
+                    for n in groups[k]:
+                        accs[k](n, runner.layers[n], x)
+
+                def stage(k: int, groups=groups, accs=accs, runner=runner) -> None:
+                    solve(runner, accs[k], groups[k])
+                    accs[k] = SharedInputAccumulator()  # frees the Hessian
+                    release(collect=False)
+
+                runner.forward_in_stages(groups, arrive, stage)
+            release(collect=False)
+            bar.advance()
+    return rows
 
 
 def _commit(
