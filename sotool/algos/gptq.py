@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from sotool.algos.hessian import weighted_error
-from sotool.algos.quant import QuantResult, QuantSpec, dequant_groups, fit_qparams, quantize
+from sotool.algos.quant import (
+    QuantResult,
+    QuantSpec,
+    dequant_groups,
+    fit_groups,
+    fit_qparams,
+    quantize,
+)
 
 
 @dataclass
@@ -138,13 +145,8 @@ def gptq_batch(
     scale = torch.empty(B, rows, ng, device=dev)
     zero = torch.empty(B, rows, ng, device=dev)
     g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32).repeat(B, 1)
-    if not grouped:
-        s, z = fit_qparams(W, spec)
-        scale[..., 0], zero[..., 0] = s, z
-    elif static_groups:
-        for g in range(ng):
-            s, z = fit_qparams(W[..., g * gs : (g + 1) * gs], spec)
-            scale[..., g], zero[..., g] = s, z
+    if not grouped or static_groups:
+        scale, zero = fit_groups(W, spec)
 
     perm = torch.arange(cols, device=dev).repeat(B, 1)
     if act_order:

@@ -74,6 +74,26 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return best_s, best_z
 
 
+def fit_groups(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of every column group of w (..., rows, cols), groups of
+    `spec.group_size` consecutive columns (the last may be partial), all fitted at once.
+
+    Returns:
+        scale, zero: (..., rows, groups) float32.
+    """
+    cols = w.shape[-1]
+    gs = spec.group_cols(cols)
+    full = cols // gs
+    parts = []
+    if full:
+        body = w[..., : full * gs].reshape(*w.shape[:-1], full, gs)
+        parts.append(fit_qparams(body, spec))
+    if full * gs < cols:
+        s, z = fit_qparams(w[..., full * gs :], spec)
+        parts.append((s[..., None], z[..., None]))
+    return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+
+
 def _clip_err(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     d = fake_quantize(w, s[..., None], z[..., None], spec.maxq) - w
     return (d * d).sum(-1)
@@ -142,17 +162,11 @@ def rtn(w: torch.Tensor, spec: QuantSpec) -> QuantResult:
         spec: the grid.
     """
     w = w.float()
-    rows, cols = w.shape
+    cols = w.shape[1]
     gs = spec.group_cols(cols)
-    ng = spec.groups(cols)
-    scale = torch.empty(rows, ng)
-    zero = torch.empty(rows, ng)
-    codes = torch.empty(rows, cols)
-    for g in range(ng):
-        sl = slice(g * gs, min((g + 1) * gs, cols))
-        s, z = fit_qparams(w[:, sl], spec)
-        scale[:, g], zero[:, g] = s, z
-        codes[:, sl] = quantize(w[:, sl], s[:, None], z[:, None], spec.maxq)
+    scale, zero = fit_groups(w, spec)
+    gi = torch.arange(cols) // gs
+    codes = quantize(w, scale[:, gi], zero[:, gi], spec.maxq)
     g_idx = torch.arange(cols, dtype=torch.int32) // gs
     return QuantResult(
         weight=dequant_groups(codes, scale, zero, g_idx),
