@@ -8,6 +8,8 @@ interrupted benchmark resumes where it stopped.
 
     python benchmarks/bench_gptq.py                      # everything (about an hour on 2 cores)
     python benchmarks/bench_gptq.py --configs w4g64 --methods cache,peer
+    python benchmarks/bench_gptq.py --configs w4g64 --methods cache --rerun   # measure again
+    python benchmarks/bench_gptq.py --sweep w4g64,w3g64,w4pc,w4g128  # 4 configs, one cache
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -110,7 +113,15 @@ def sotool_eval(run: Path, windows: int) -> float:
 
 
 def run_sotool(
-    out: Path, name: str, cfg: dict, method: str, samples: int, windows: int, calib_file: str
+    out: Path,
+    name: str,
+    cfg: dict,
+    method: str,
+    samples: int,
+    windows: int,
+    calib_file: str,
+    fresh: bool = False,
+    sweep: Path | None = None,
 ) -> dict:
     from safetensors.torch import load_file
 
@@ -124,7 +135,10 @@ def run_sotool(
     recipe = out / f"{method}.yaml"
     recipe.write_text(RECIPE.format(wiki=WIKI, samples=samples, stages=stages))
     # cache runs share one run directory: the Hessians are computed once for the sweep
-    run = out / "runs" / (method if method == "cache" else f"{method}-{name}")
+    run = sweep or out / "runs" / (method if method == "cache" else f"{method}-{name}")
+    if fresh:  # measure from scratch: no completed stage to skip or reuse
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(out / "runs" / "sweep", ignore_errors=True)
     wall, rss, stdout = measured(sotool_cmd("compress", str(recipe), "-o", str(run), "--json"))
     res = json.loads(stdout.strip().splitlines()[-1])
     secs = {s["name"]: s["seconds"] for s in res["stages"]}
@@ -150,7 +164,8 @@ def run_sotool(
         "work_s": work,
         "same_calibration_tokens": same,
     }
-    row["ppl"] = sotool_eval(run, windows)
+    if windows:
+        row["ppl"] = sotool_eval(run, windows)
     return row
 
 
@@ -191,6 +206,23 @@ def run_peer(out: Path, name: str, cfg: dict, files: dict[str, str], peer_py: st
     }
 
 
+def sweep(out: Path, names: list[str], samples: int, calib_file: str) -> dict:
+    """N GPTQ configs from one Hessian cache in one run directory, against the first
+    (a single cached run: calibrate + hessians + one solve)."""
+    run = out / "runs" / "sweep"
+    shutil.rmtree(run, ignore_errors=True)
+    for other in (out / "runs").glob("*"):  # nothing to reuse from sibling runs
+        if other != run:
+            shutil.rmtree(other)
+    runs = []
+    for name in names:
+        row = run_sotool(out, name, CONFIGS[name], "cache", samples, 0, calib_file, sweep=run)
+        log(f"sweep {name}: {row['work_s']:.1f} s")
+        runs.append({"config": name, "work_s": row["work_s"], "stage_s": row["stage_s"]})
+    total = sum(r["work_s"] for r in runs)
+    return {"configs": names, "runs": runs, "total_s": total, "ratio": total / runs[0]["work_s"]}
+
+
 def table(results: dict, original: float | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -217,6 +249,13 @@ def table(results: dict, original: float | None) -> None:
                 name, m, f"{r['ppl']:.3f}", f"{r['work_s']:.1f}", f"{r['peak_rss_gib']:.2f}", tr, mr
             )
     Console().print(t)
+    sw = results.get("sweep")
+    if sw:
+        Console().print(
+            f"sweep of {len(sw['configs'])} configs from one Hessian cache "
+            f"({', '.join(sw['configs'])}): {sw['total_s']:.1f} s = {sw['ratio']:.2f}× "
+            f"the single cached run ({sw['runs'][0]['work_s']:.1f} s)"
+        )
 
 
 def main() -> None:
@@ -230,6 +269,8 @@ def main() -> None:
         "--peer-python", default=str(ROOT / "benchmarks" / ".venv-peer" / "bin" / "python")
     )
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--rerun", action="store_true", help="measure rows already in results")
+    ap.add_argument("--sweep", default="", help="configs solved from one Hessian cache")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +280,11 @@ def main() -> None:
         table(results, results.get("original", {}).get("ppl"))
         return
     files = prepare(out, args.samples, args.windows)
+    if args.sweep:
+        results["sweep"] = sweep(out, args.sweep.split(","), args.samples, files["calib"])
+        res_file.write_text(json.dumps(results, indent=2))
+        log(f"sweep: {json.dumps(results['sweep'])}")
+        return
     methods = args.methods.split(",")
     if "peer" in methods and not Path(args.peer_python).exists():
         log("setting up the llm-compressor environment (benchmarks/peer/setup_peer.sh)")
@@ -262,14 +308,21 @@ def main() -> None:
     for name in args.configs.split(","):
         for m in methods:
             key = f"{name}/{m}"
-            if key in results:
+            if key in results and not args.rerun:
                 continue
             log(f"{key} ...")
             if m == "peer":
                 results[key] = run_peer(out, name, CONFIGS[name], files, args.peer_python)
             else:
                 results[key] = run_sotool(
-                    out, name, CONFIGS[name], m, args.samples, args.windows, files["calib"]
+                    out,
+                    name,
+                    CONFIGS[name],
+                    m,
+                    args.samples,
+                    args.windows,
+                    files["calib"],
+                    fresh=args.rerun,
                 )
             log(f"{key}: {json.dumps(results[key])}")
             res_file.write_text(json.dumps(results, indent=2))
