@@ -9,11 +9,11 @@ by the generic search anyway).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import greenlet
 import torch
 from torch import nn
 
@@ -234,82 +234,48 @@ class BlockRunner:
         arrived `on_stage(k)` runs once (e.g. quantizes the group); then all batches
         resume with the group's new weights. The outputs, computed with every group's
         final weights, become the next block's inputs. This is the true-sequential
-        procedure for the cost of a single forward pass: each batch's forward is a
-        paused thread, and only one thread runs at a time.
+        procedure for the cost of a single forward pass. Each batch's forward is a
+        greenlet paused inside a layer pre-hook: one OS thread, batches take turns in
+        order (so every sum is deterministic), and only the paused activations stay alive.
         """
         nb = len(self.inputs.hidden)
-        group_of = {n: k for k, g in enumerate(groups) for n in g}
+        group_of = {id(self.layers[n]): k for k, g in enumerate(groups) for n in g}
         done = [False] * len(groups)
-        finished = [False] * nb
         outs: list[torch.Tensor | None] = [None] * nb
-        errors: list[BaseException] = []
-        cv = threading.Condition()
-        local = threading.local()
-        # whose turn it is: batches run one at a time, in order (so sums are deterministic);
-        # turn == nb is the caller's (every batch has arrived or finished)
-        turn = [0]
-
-        def pass_turn(after: int) -> None:
-            nxt = after + 1
-            while nxt < nb and finished[nxt]:
-                nxt += 1
-            turn[0] = nxt
-            cv.notify_all()
+        main = greenlet.getcurrent()
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            k = group_of[local.name_of[id(mod)]]
-            if done[k]:
-                return
-            b = local.batch
-            on_arrive(k, args[0])
-            pass_turn(b)
-            cv.wait_for(lambda: bool(errors) or (done[k] and turn[0] == b))
-            if errors:
-                raise StopForward
+            k = group_of[id(mod)]
+            if not done[k]:
+                on_arrive(k, args[0])
+                main.switch()  # paused until every batch has arrived and the group is done
 
-        def work(b: int) -> None:
-            local.batch = b
-            local.name_of = {id(self.layers[n]): n for n in group_of}
-            with cv:
-                try:
-                    cv.wait_for(lambda: bool(errors) or turn[0] == b)
-                    if not errors:
-                        with torch.no_grad():
-                            outs[b] = self._call(b).detach()
-                except StopForward:
-                    pass
-                except BaseException as e:  # handed to the caller's thread
-                    errors.append(e)
-                finally:
-                    finished[b] = True
-                    pass_turn(b)
+        def call(b: int) -> torch.Tensor:
+            return self._call(b).detach()
 
-        handles = [self.layers[n].register_forward_pre_hook(pre_hook) for n in group_of]
-        threads = [threading.Thread(target=work, args=(b,), daemon=True) for b in range(nb)]
+        lets = [greenlet.greenlet(lambda b=b: call(b)) for b in range(nb)]
+
+        def resume(b: int) -> None:  # run batch b to its next pause or to its end
+            result = lets[b].switch()
+            if lets[b].dead:
+                outs[b] = result
+
+        handles = [self.layers[n].register_forward_pre_hook(pre_hook) for g in groups for n in g]
         try:
-            with cv:
-                for t in threads:
-                    t.start()
+            with torch.no_grad():
                 for k in range(len(groups)):
-                    cv.wait_for(lambda: bool(errors) or turn[0] == nb)
-                    if errors:
-                        break
-                    try:
-                        on_stage(k)
-                    except BaseException as e:
-                        errors.append(e)
-                        cv.notify_all()
-                        raise
+                    for b in range(nb):
+                        if not lets[b].dead:
+                            resume(b)
+                    on_stage(k)
                     done[k] = True
-                    pass_turn(-1)
-                cv.wait_for(lambda: all(finished))
+                for b in range(nb):
+                    if not lets[b].dead:
+                        resume(b)
         finally:
-            for t in threads:
-                t.join()
             for h in handles:
                 h.remove()
-        if errors:
-            raise errors[0]
+            lets.clear()  # paused batches (after an error) are unwound by GreenletExit
         missing = [b for b in range(nb) if outs[b] is None]
         if missing:
             raise RuntimeError(f"block {self.index}: batches {missing} produced no output")
