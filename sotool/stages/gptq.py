@@ -28,11 +28,11 @@ from sotool.algos.gptq import GPTQResult, gptq_batch, layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import QuantResult, QuantSpec, rtn
 from sotool.memory import release
-from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
+from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.registry import register_stage
 from sotool.rundir import write_json
 from sotool.stages._quant import QuantParams, QuantStore, param_layout, target_layers
-from sotool.stages.hessians import HessianStore, SharedInputAccumulator, collect
+from sotool.stages.hessians import HessianStore, SharedInputAccumulator, sequential_groups
 
 
 class GPTQParams(QuantParams):
@@ -236,20 +236,11 @@ def _sequential(
     store: QuantStore,
     keep: dict[str, torch.Tensor] | None,
 ) -> list[dict[str, Any]]:
-    """The paper's procedure, block by block on the outputs of the quantized blocks before.
-
-    With `true_sequential`, one pass per block: every batch pauses before each group of
-    layers sharing an input until the group is quantized (BlockRunner.forward_in_stages).
-    Without it, each block's Hessians come from one pass with its original weights and a
-    second pass computes its quantized outputs.
-    """
+    """The paper's procedure: block by block on the outputs of the quantized blocks
+    before, each group of layers on the quantized groups before it (true-sequential)."""
     rows: list[dict[str, Any]] = []
-    tokens = ctx.calibration_tokens()
-    bs = ctx.recipe.calibration.batch_size
-    nblocks = len(find_blocks(model)[1])
-    relative: list[list[str]] | None = None  # block 0's groups, names without the prefix
 
-    def solve(runner: Any, acc: SharedInputAccumulator, group: list[str]) -> None:
+    def solve(runner: Any, group: list[str], acc: SharedInputAccumulator) -> None:
         for (key, spec), names in _bucket(group, acc.alias, params).items():
             hsum = acc.sums[key]
             problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
@@ -257,36 +248,18 @@ def _sequential(
             _commit(ctx, runner.layers, results, store, spec)
             rows.extend(r)
 
+    nblocks = len(find_blocks(model)[1])
     with ctx.progress("gptq: blocks (sequential)", nblocks) as bar:
-        for runner in iterate_blocks(model, tokens, device=ctx.device, batch_size=bs):
-            wanted = [n for n in runner.layers if params.spec_for(n) is not None]
-            if not params.true_sequential:
-                acc = collect(runner, wanted, early_stop=True)
-                solve(runner, acc, wanted)
-            else:
-                if relative is None:
-                    cut = len(runner.prefix) + 1
-                    relative = [[n[cut:] for n in g] for g in runner.input_groups()]
-                groups = [
-                    [f"{runner.prefix}.{n}" for n in g if f"{runner.prefix}.{n}" in wanted]
-                    for g in relative
-                ]
-                groups = [g for g in groups if g]
-                accs = [SharedInputAccumulator() for _ in groups]
-
-                def arrive(k: int, x: torch.Tensor, groups=groups, accs=accs, runner=runner):
-                    accs[k].reset_batch()
-                    for n in groups[k]:
-                        accs[k](n, runner.layers[n], x)
-
-                def stage(k: int, groups=groups, accs=accs, runner=runner) -> None:
-                    solve(runner, accs[k], groups[k])
-                    accs[k] = SharedInputAccumulator()  # frees the Hessian
-                    release(collect=False)
-
-                runner.forward_in_stages(groups, arrive, stage)
-            release(collect=False)
-            bar.advance()
+        sequential_groups(
+            model,
+            ctx.calibration_tokens(),
+            device=ctx.device,
+            batch_size=ctx.recipe.calibration.batch_size,
+            wanted=lambda n: params.spec_for(n) is not None,
+            solve=solve,
+            true_sequential=params.true_sequential,
+            on_block=lambda _done, _total: bar.advance(),
+        )
     return rows
 
 

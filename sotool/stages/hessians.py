@@ -12,6 +12,7 @@ Recipe::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sotool.algos.hessian import HessianSum
+from sotool.memory import release
 from sotool.models.blocks import BlockRunner, find_blocks, iterate_blocks
 from sotool.recipe import Strict
 from sotool.registry import register_stage
@@ -75,6 +77,58 @@ def collect(
     )
     acc.reset_batch()
     return acc
+
+
+GroupSolver = Callable[[BlockRunner, list[str], SharedInputAccumulator], None]
+
+
+def sequential_groups(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int,
+    wanted: Callable[[str], bool],
+    solve: GroupSolver,
+    true_sequential: bool = True,
+    on_block: Callable[[int, int], None] | None = None,
+) -> None:
+    """Hessians re-collected on the model as `solve` changes it, block by block.
+
+    For each group of `wanted` layers sharing one input, in execution order (q/k/v, o,
+    gate/up, down with `true_sequential`; the whole block otherwise), calls
+    `solve(runner, group, accumulator)` once the group's Σxxᵀ is complete; the weights it
+    sets feed the next group's inputs and the next block's. With `true_sequential` each
+    block costs one forward pass (BlockRunner.forward_in_stages); without it, one pass
+    for the Hessians and one for the outputs.
+    """
+    relative: list[list[str]] | None = None  # block 0's groups without the block prefix
+    for runner in iterate_blocks(
+        model, tokens, device=device, batch_size=batch_size, on_block=on_block
+    ):
+        names = [n for n in runner.layers if wanted(n)]
+        if not true_sequential:
+            if names:
+                solve(runner, names, collect(runner, names, early_stop=True))
+            continue
+        if relative is None:  # every block has block 0's structure
+            cut = len(runner.prefix) + 1
+            relative = [[n[cut:] for n in g] for g in runner.input_groups()]
+        full = [[f"{runner.prefix}.{n}" for n in g] for g in relative]
+        groups = [g for g in ([n for n in g if n in names] for g in full) if g]
+        accs = [SharedInputAccumulator() for _ in groups]
+
+        def arrive(k: int, x: torch.Tensor, groups=groups, accs=accs, runner=runner) -> None:
+            accs[k].reset_batch()
+            for n in groups[k]:
+                accs[k](n, runner.layers[n], x)
+
+        def stage(k: int, groups=groups, accs=accs, runner=runner) -> None:
+            solve(runner, groups[k], accs[k])
+            accs[k] = SharedInputAccumulator()  # frees the Hessian
+            release(collect=False)
+
+        runner.forward_in_stages(groups, arrive, stage)
 
 
 class HessianStore:
