@@ -208,7 +208,11 @@ def inspect_table(data: dict[str, Any]) -> Table:
         ("bytes", "bytes", "{:,}"),
     ]
     for key, head, _ in cols:
-        t.add_column(head, justify="left" if key in ("layer", "format", "shape") else "right")
+        t.add_column(
+            head,
+            justify="left" if key in ("layer", "format", "shape") else "right",
+            no_wrap=key == "layer",
+        )
     for r in data["layers"]:
         vals = []
         for key, _, f in cols:
