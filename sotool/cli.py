@@ -196,6 +196,26 @@ def report(
     _guard(debug, print_report, run_dir, Console(stderr=False), sort, top)
 
 
+@app.command()
+def inspect(
+    model_dir: Annotated[Path, typer.Argument(help="exported model directory")],
+    zeros: Annotated[
+        bool, typer.Option(help="count zero weights (reads every tensor; --no-zeros: headers only)")
+    ] = True,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per-layer bits, group size, sparsity and size of an exported model (any tool's)."""
+    from sotool.inspect import inspect_dir
+    from sotool.report import inspect_table
+
+    res = _guard(debug, inspect_dir, model_dir, zeros)
+    if as_json:
+        _emit(res)
+        return
+    err.print(inspect_table(res))
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="model (HF id, dir, .gguf, demo name) or run dir")],

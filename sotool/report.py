@@ -187,3 +187,44 @@ def print_report(
             console.print(msg)
     console.print(totals_table(data))
     return data
+
+
+def inspect_table(data: dict[str, Any]) -> Table:
+    """`sotool inspect`: one row per weight matrix of an exported model."""
+    t = Table(
+        title=f"{data['dir']}: {data['format']}, {data['bytes'] / 2**20:.1f} MiB",
+        header_style="bold",
+        pad_edge=False,
+    )
+    cols = [
+        ("layer", "layer", "{}"),
+        ("format", "format", "{}"),
+        ("shape", "shape", "{}"),
+        ("bits", "bits", "{}"),
+        ("group_size", "group", "{}"),
+        ("sym", "sym", "{}"),
+        ("act_order", "act-order", "{}"),
+        ("sparsity", "sparsity", "{:.3f}"),
+        ("bytes", "bytes", "{:,}"),
+    ]
+    for key, head, _ in cols:
+        t.add_column(
+            head,
+            justify="left" if key in ("layer", "format", "shape") else "right",
+            no_wrap=key == "layer",
+        )
+    for r in data["layers"]:
+        vals = []
+        for key, _, f in cols:
+            v = r.get(key)
+            if key == "layer":
+                v = short_layer(v)
+            elif key == "shape":
+                v = "×".join(map(str, v))
+            vals.append(_fmt(v, f))
+        t.add_row(*vals)
+    avg = data.get("avg_bits")
+    t.caption = f"{data['quantized_layers']} quantized layers" + (
+        f", {avg:.2f} bits on average" if avg else ""
+    )
+    return t
