@@ -63,8 +63,10 @@ class QuantParams(Strict):
     bits: Bits = Field(4, description="bits per weight")
     group_size: int = Field(128, description="columns per scale group; -1 = per channel")
     sym: bool = Field(True, description="symmetric grid (zero point fixed at 2^(bits-1))")
-    clip: Literal["minmax", "mse"] = Field(
-        "minmax", description="grid range: plain min/max, or the MSE-best shrunk range"
+    clip: Literal["minmax", "mse", "auto"] = Field(
+        "minmax",
+        description="grid range: plain min/max, the MSE-best shrunk range, or auto (mse "
+        "for groups, minmax per channel)",
     )
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"], description="regexes of layers to leave alone"
@@ -95,7 +97,8 @@ class QuantParams(Strict):
                 bits = o.bits if o.bits is not None else bits
                 gs = o.group_size if o.group_size is not None else gs
                 sym = o.sym if o.sym is not None else sym
-        return QuantSpec(bits=bits, group_size=gs, sym=sym, mse=self.clip == "mse")
+        mse = self.clip == "mse" or (self.clip == "auto" and gs > 0)
+        return QuantSpec(bits=bits, group_size=gs, sym=sym, mse=mse)
 
 
 def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -42,8 +42,10 @@ class GPTQParams(QuantParams):
     static_groups: bool = Field(
         True, description="fit group grids before the sweep (g_idx = i // group_size)"
     )
-    clip: Literal["minmax", "mse"] = Field(
-        "mse", description="grid range: plain min/max, or the MSE-best shrunk range"
+    clip: Literal["minmax", "mse", "auto"] = Field(
+        "auto",
+        description="grid range: plain min/max, the MSE-best shrunk range, or auto: mse for "
+        "groups, minmax per channel (where a clipped row costs more than GPTQ recovers)",
     )
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
     damp: float = Field(0.01, ge=0, description="relative damping λ (raised ×10 on failure)")
