@@ -14,7 +14,7 @@ full Hessian can be built exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -196,22 +196,26 @@ def power_iteration(
     return EigenEstimate(eig, iters)
 
 
-def fisher_diagonal(grads: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+def fisher_diagonal(grads: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
     """Empirical Fisher diagonal: the mean of squared per-sample gradients.
 
     Args:
-        grads: m samples, each K gradient tensors (one per parameter tensor).
+        grads: m samples (any iterable, consumed once, so samples can be produced one at
+            a time), each K gradient tensors (one per parameter tensor).
 
     Returns:
         K tensors, diag F = (1/m) Σ g ⊙ g (float32).
     """
-    m = len(grads)
-    if m == 0:
-        raise ValueError("fisher_diagonal needs at least one gradient sample")
-    out = [torch.zeros_like(g, dtype=torch.float32) for g in grads[0]]
+    out: list[torch.Tensor] | None = None
+    m = 0
     for sample in grads:
+        if out is None:
+            out = [torch.zeros_like(g, dtype=torch.float32) for g in sample]
         for o, g in zip(out, sample, strict=True):
             o.addcmul_(g.float(), g.float())
+        m += 1
+    if out is None:
+        raise ValueError("fisher_diagonal needs at least one gradient sample")
     return [o / m for o in out]
 
 
