@@ -7,7 +7,7 @@ import json
 from sotool.algos.search import quantized_layer_bytes
 from sotool.rundir import read_json
 from sotool.tensorio import load_shards
-from tests.test_pipeline import compress
+from tests.test_pipeline import cli, compress
 
 RECIPE = """
 model: {model}
@@ -69,6 +69,15 @@ def test_mixed_pipeline_uses_searched_bits(tiny_models, write_recipe, tmp_path):
     for a, b in zip(front, front[1:], strict=False):
         assert a["size"] < b["size"] and a["cost"] > b["cost"]
     assert res["stages"][5]["summary"]["ppl"] > 1
+    # the report shows every metric, the allocation and the frontier, within 100 columns
+    png = tmp_path / "mixed.png"
+    rep = cli("report", str(tmp_path / "run"), "--sort", "trace", "--plot", str(png))
+    assert rep.exit_code == 0, rep.stderr
+    text = rep.stdout
+    for head in ("tr(H)/n", "λmax", "fisher/n", "gptq obj.", "Pareto frontier", "◀ chosen"):
+        assert head in text, head
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_byte_budget_and_key_change(tiny_models, write_recipe, tmp_path):
