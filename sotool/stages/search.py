@@ -14,6 +14,12 @@ exact multiple-choice knapsack (sotool.algos.search). Budgets:
 - `bytes`: total bytes of the quantized layers in the GPTQ checkpoint layout (codes,
   fp16 scales, packed zeros, g_idx; see `quantized_layer_bytes`), met exactly.
 
+With `max_degradation`, the allocation is instead the smallest frontier point (within
+the budget) whose perplexity, measured on the last `eval_samples` calibration windows,
+stays within the bound: a bisection over the frontier, at most `max_evals` measurements,
+each candidate grid's weights computed once (as the sensitivity stage quantized them).
+These windows also fed the Hessians, so the bound is checked in-sample.
+
 Writes `allocation.json` (layer → bits, group size, predicted cost, bytes) and
 `frontier.json` (every Pareto-optimal size with its predicted cost). A later `gptq`
 stage picks the allocation up.
@@ -25,14 +31,19 @@ import math
 from collections import Counter
 from typing import Any
 
+import torch
 from pydantic import Field, model_validator
 
+from sotool.algos.quant import QuantResult, QuantSpec
 from sotool.algos.search import allocate, pareto_frontier
 from sotool.errors import SotoolError
+from sotool.evaluation import perplexity
+from sotool.models.blocks import weight_matrix
 from sotool.recipe import Strict
 from sotool.registry import register_stage
 from sotool.rundir import read_json, write_json
-from sotool.stages.sensitivity import Metric
+from sotool.stages._quant import param_layout, target_layers
+from sotool.stages.sensitivity import Metric, quantize_layers
 
 
 class Budget(Strict):
@@ -56,6 +67,17 @@ class SearchParams(Strict):
         None, description="labels to choose from, e.g. [w3g64, w4g64] (default: all computed)"
     )
     budget: Budget = Field(description="size budget: {avg_bits: 3.5} or {bytes: N}")
+    max_degradation: float | None = Field(
+        None,
+        gt=0,
+        description="relative perplexity increase allowed (0.1 = +10%): bisect over the "
+        "frontier (within the budget) for the smallest allocation whose measured perplexity "
+        "meets it",
+    )
+    eval_samples: int = Field(
+        8, gt=0, description="max_degradation: the last N calibration windows measure perplexity"
+    )
+    max_evals: int = Field(8, gt=0, description="max_degradation: perplexity measurements budget")
 
 
 def _problem(
@@ -103,6 +125,87 @@ def _budget(params: SearchParams, sens: dict[str, Any]) -> int:
     return math.floor(params.budget.avg_bits * n + 1e-9)
 
 
+def _choice(c: dict[str, Any]) -> dict[str, Any]:
+    return {"label": c["label"], "bits": int(c["bits"]), "group_size": int(c["group_size"])}
+
+
+def candidate_weights(
+    ctx: Any, layers: dict[str, torch.nn.Module], cands: list[dict[str, Any]], sens: dict[str, Any]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """label -> layer -> quantized [out, in] weight, as the sensitivity stage quantized
+    (GPTQ from the Hessian cache, or round-to-nearest)."""
+    out: dict[str, dict[str, torch.Tensor]] = {c["label"]: {} for c in cands}
+    for c in cands:
+        spec = QuantSpec(c["bits"], c["group_size"], sens["sym"], sens["clip"] == "mse")
+        got = out[c["label"]]
+
+        def keep(n: str, _w: Any, res: QuantResult, _row: Any, got: dict = got) -> None:
+            got[n] = res.weight.cpu()
+
+        quantize_layers(ctx, layers, spec, sens["delta"] == "gptq", keep)
+    return out
+
+
+def bisect_measured(
+    ctx: Any,
+    params: SearchParams,
+    sens: dict[str, Any],
+    names: list[str],
+    cands: list[dict[str, Any]],
+    front: list[tuple[int, float, list[int]]],
+) -> tuple[tuple[int, float, list[int]], list[dict[str, Any]]]:
+    """The smallest frontier point whose measured perplexity is within the bound, by
+    bisection over the (size-sorted) frontier; measured on the last calibration windows.
+    Falls back to the largest point when none is measured within the bound."""
+    model = ctx.model()
+    mods = {n: m for n, m in target_layers(model).items() if n in set(names)}
+    windows = ctx.calibration_tokens()[-params.eval_samples :]
+    quant = candidate_weights(ctx, mods, cands, sens)
+    original = {n: weight_matrix(m).detach().clone() for n, m in mods.items()}
+    steps: list[dict[str, Any]] = []
+
+    def measure(choice: list[int]) -> float:
+        with torch.no_grad():
+            for n, j in zip(names, choice, strict=True):
+                mods[n].weight.copy_(param_layout(mods[n], quant[cands[j]["label"]][n]))
+        return perplexity(model, windows, device=ctx.device)["ppl"]
+
+    try:
+        with torch.no_grad():
+            for n in names:
+                mods[n].weight.copy_(param_layout(mods[n], original[n]))
+        base = perplexity(model, windows, device=ctx.device)["ppl"]
+        bound = base * (1 + params.max_degradation)
+        lo, hi = 0, len(front) - 1  # invariant: every point below lo failed
+        best = None
+        while lo <= hi and len(steps) < params.max_evals:
+            mid = (lo + hi) // 2
+            ppl = measure(front[mid][2])
+            ok = ppl <= bound
+            steps.append({"size": front[mid][0], "cost": front[mid][1], "ppl": ppl, "ok": ok})
+            ctx.console.print(
+                f"  bisection: size {front[mid][0]} → ppl {ppl:.3f} "
+                f"({'within' if ok else 'over'} {bound:.3f})"
+            )
+            if ok:
+                best, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+    finally:
+        with torch.no_grad():
+            for n in names:
+                mods[n].weight.copy_(param_layout(mods[n], original[n]))
+        model.to("cpu")
+    if best is None:
+        ctx.console.print(
+            "  [yellow]no measured allocation met max_degradation: using the "
+            "largest within the budget[/]"
+        )
+        best = len(front) - 1
+    steps.insert(0, {"base_ppl": base, "bound": bound})
+    return front[best], steps
+
+
 @register_stage(
     "search",
     SearchParams,
@@ -128,9 +231,7 @@ def run(ctx: Any, params: SearchParams) -> dict[str, Any]:
 
     layers = {
         n: {
-            "label": cands[j]["label"],
-            "bits": int(cands[j]["bits"]),
-            "group_size": int(cands[j]["group_size"]),
+            **_choice(cands[j]),
             "cost": costs[i][j],
             "bytes": nbytes[i][j],
         }
@@ -148,6 +249,22 @@ def run(ctx: Any, params: SearchParams) -> dict[str, Any]:
         "counts": d["counts"],
         "layers": layers,
     }
+    if params.max_degradation is not None:
+        within = [f for f in front if f[0] <= budget]
+        pick, steps = bisect_measured(ctx, params, sens, names, cands, within)
+        layers = {
+            n: {**layers[n], **_choice(cands[j]), "cost": costs[i][j], "bytes": nbytes[i][j]}
+            for i, (n, j) in enumerate(zip(names, pick[2], strict=True))
+        }
+        d = describe(pick[2])
+        alloc.update(
+            predicted_cost=pick[1],
+            total_bytes=d["bytes"],
+            avg_bits=d["avg_bits"],
+            counts=d["counts"],
+            layers=layers,
+            bisection=steps,
+        )
     frontier = [{"size": s, "cost": c, **describe(ch)} for s, c, ch in front]
     write_json(ctx.out_dir / "allocation.json", alloc)
     write_json(ctx.out_dir / "frontier.json", frontier)

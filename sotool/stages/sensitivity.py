@@ -209,10 +209,9 @@ def backprop_metrics(
     return values, fisher, info
 
 
-def _quantize_all(
+def quantize_layers(
     ctx: Any,
     layers: dict[str, torch.nn.Module],
-    params: SensitivityParams,
     spec: QuantSpec,
     use_gptq: bool,
     on_layer: Any,
@@ -227,7 +226,7 @@ def _quantize_all(
             bits=spec.bits,
             group_size=spec.group_size,
             sym=spec.sym,
-            clip=params.clip,
+            clip="mse" if spec.mse else "minmax",
             hessians="cache",
         )
 
@@ -307,7 +306,7 @@ def run(ctx: Any, params: SensitivityParams) -> dict[str, Any]:
                     e["cost"]["fisher"][label] = fisher_cost(fisher[n], w, res.weight)
                 bar.advance()
 
-            _quantize_all(ctx, layers, params, spec, use_gptq, on_layer)
+            quantize_layers(ctx, layers, spec, use_gptq, on_layer)
     quant_seconds = time.perf_counter() - t_quant
     if "layerwise" in params.metrics:
         info["layerwise"] = {"seconds": quant_seconds, "candidates": len(cands)}
@@ -315,6 +314,8 @@ def run(ctx: Any, params: SensitivityParams) -> dict[str, Any]:
         "metrics": params.metrics,
         "candidates": [{"label": choice_label(b, g), "bits": b, "group_size": g} for b, g in cands],
         "delta": "gptq" if use_gptq else "rtn",
+        "sym": params.sym,
+        "clip": params.clip,
         "info": info,
         "layers": table,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sotool.algos.search import quantized_layer_bytes
 from sotool.rundir import read_json
 from sotool.tensorio import load_shards
@@ -98,3 +100,24 @@ def test_byte_budget_and_key_change(tiny_models, write_recipe, tmp_path):
     assert [s["action"] for s in again["stages"]] == ["skipped"] * 3 + ["ran"] * 3
     assert again["stages"][4]["key"] != first["stages"][4]["key"]
     json.dumps(again)
+
+
+def test_max_degradation_bisects_the_frontier(tiny_models, write_recipe, tmp_path):
+    recipe = write_recipe(
+        RECIPE.format(model=tiny_models["llama"], metric="layerwise", budget="{avg_bits: 4.0}")
+    )
+    sets = ["--set", "search.max_degradation=0.02", "--set", "search.max_evals=4"]
+    sets += ["--set", "sensitivity.metrics=[layerwise]"]
+    compress(recipe, tmp_path / "run", *sets)
+    alloc = read_json(_stage(tmp_path / "run", "search") / "allocation.json")
+    head, steps = alloc["bisection"][0], alloc["bisection"][1:]
+    assert 1 <= len(steps) <= 4 and head["bound"] == pytest.approx(head["base_ppl"] * 1.02)
+    sens = read_json(_stage(tmp_path / "run", "sensitivity") / "sensitivity.json")["layers"]
+    assert set(alloc["layers"]) == set(sens)
+    chosen = sum(alloc["layers"][n]["bits"] * e["params"] for n, e in sens.items())  # code bits
+    # bisection invariant: measured passes are at or above the chosen size, failures below
+    for s in steps:
+        assert (s["ok"] and s["ppl"] <= head["bound"]) or (not s["ok"] and s["ppl"] > head["bound"])
+        assert (s["size"] >= chosen) == s["ok"] or not any(x["ok"] for x in steps)
+    meta = read_json(_stage(tmp_path / "run", "gptq") / "quant.json")
+    assert all(meta[n]["bits"] == c["bits"] for n, c in alloc["layers"].items())
