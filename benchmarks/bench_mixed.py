@@ -2,10 +2,15 @@
 random allocations of the same byte size, and which sensitivity metric predicts best.
 
 Calibration: 64 × 512 tokens from the first 80% of WikiText-2 validation; perplexity on
-its last 40 × 512 tokens. All runs share one Hessian cache (sibling run directories
-reuse completed stages). Results accumulate in OUT/results.json (rerunning resumes).
+its last 40 × 512 tokens. One pipeline run (recipes/smollm2-mixed-3.5bit.yaml:
+sensitivity → search → gptq → evaluate) gives the Hessian cache, the sensitivity metrics
+and the end-to-end searched result; the other allocations (uniform W3/W4, the search
+with each metric, random allocations of exactly the same bytes) are evaluated in one
+process from the same cached-Hessian GPTQ weights (see `Bench`), and the per-layer
+damage (ΔNLL when only that layer is at 3 bits) is measured on a subset of layers.
+Results accumulate in OUT/results.json (rerunning resumes).
 
-    python benchmarks/bench_mixed.py                       # about 40 minutes on 2 cores
+    python benchmarks/bench_mixed.py                       # 30-60 minutes on 2 cores
     python benchmarks/bench_mixed.py --damage-layers 0     # skip the per-layer damage
 """
 
@@ -15,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -56,89 +60,98 @@ def stage(res: dict, name: str) -> dict:
     return next(s for s in res["stages"] if s["name"] == name)
 
 
-def uniform_recipe(out: Path) -> Path:
-    """The mixed recipe without sensitivity/search (gptq bits from --set)."""
-    import yaml
-
-    data = yaml.safe_load(RECIPE.read_text())
-    data["stages"] = [
-        s for s in data["stages"] if next(iter(s)) not in ("sensitivity", "search", "export")
-    ]
-    path = out / "uniform.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+def wait_for(pattern: str, root: Path) -> Path:
+    """The first path matching `pattern` under root, waiting for a running pipeline."""
+    while True:
+        hits = sorted(root.glob(pattern))
+        if hits:
+            return hits[0]
+        time.sleep(20)
 
 
-def random_recipe(out: Path, alloc: dict, seed: int) -> tuple[Path, int]:
-    """Gptq with the searched labels shuffled among layers of the same kind (and shape): the same
-    byte size exactly, a random placement."""
-    import yaml
+class Bench:
+    """Allocations evaluated in one process: every layer's GPTQ weights at each candidate
+    grid are solved once from the shared Hessian cache (the gptq stage in cache mode
+    solves each layer independently, so a mixed allocation's weights are exactly these),
+    then each allocation is a weight swap and one perplexity measurement."""
 
+    def __init__(self, hess_dir: Path, cands: list[tuple[int, int]]) -> None:
+        from sotool.models.loading import load_model, load_tokenizer, resolve_model
+        from sotool.stages._quant import target_layers
+        from sotool.stages.evaluate import EvaluateParams, eval_windows
+        from sotool.stages.gptq import GPTQParams, solve_cached
+        from sotool.stages.hessians import HessianStore
+
+        ref = resolve_model("smollm2-135m")
+        self.model = load_model(ref)
+        self.tok = load_tokenizer(ref)
+        self.test = eval_windows(
+            EvaluateParams(data=str(WIKI), span=(0.8, 1.0), windows=40), self.tok
+        )
+        self.layers = target_layers(self.model)
+        self.weights: dict[str, dict[str, object]] = {}
+        for b, g in cands:
+            gp = GPTQParams(bits=b, group_size=g, hessians="cache")
+            spec = gp.spec_for("")
+            got: dict[str, object] = {}
+
+            def keep(res: dict, _r: object, _s: object, got: dict = got) -> None:
+                got.update({n: r.weight for n, r in res.items()})
+
+            t0 = time.perf_counter()
+            solve_cached(self.layers, HessianStore(hess_dir), lambda n, s=spec: s, gp, keep)
+            log(f"solved w{b}g{g} in {time.perf_counter() - t0:.1f} s")
+            self.weights[f"w{b}g{g}"] = got
+
+    def ppl(self, alloc: dict[str, str], windows: object | None = None) -> dict:
+        """Perplexity with layer -> label weights (layers not named stay original)."""
+        import torch
+
+        from sotool.evaluation import perplexity
+        from sotool.stages._quant import param_layout
+
+        saved = {}
+        with torch.no_grad():
+            for n, lab in alloc.items():
+                mod = self.layers[n]
+                saved[n] = mod.weight.detach().clone()
+                mod.weight.copy_(param_layout(mod, self.weights[lab][n]))
+        try:
+            return perplexity(self.model, self.test if windows is None else windows)
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    self.layers[n].weight.copy_(w)
+
+
+def searched(sens: dict, metric: str, avg_bits: float) -> dict[str, str]:
+    """The search stage's allocation for `metric` (same code path)."""
+    from sotool.algos.search import allocate
+    from sotool.stages.search import SearchParams, _budget, _problem
+
+    params = SearchParams(metric=metric, budget={"avg_bits": avg_bits})
+    names, cands, costs, sizes, _ = _problem(sens, params)
+    best = allocate(costs, sizes, _budget(params, sens))
+    return {n: cands[j]["label"] for n, j in zip(names, best.choice, strict=True)}
+
+
+def shuffled(alloc: dict[str, str], seed: int) -> dict[str, str]:
+    """The same labels shuffled among layers of the same kind (q_proj, ..., same shape in
+    SmolLM2): identical byte size and code bits, random placement."""
     rng = random.Random(seed)
-    layers = alloc["layers"]
     groups: dict[str, list[str]] = {}
-    for n in layers:
+    for n in alloc:
         groups.setdefault(n.split(".")[-1], []).append(n)
-    overrides, total = [], 0
+    out = {}
     for names in groups.values():
-        labels = [(layers[n]["bits"], layers[n]["group_size"], layers[n]["bytes"]) for n in names]
+        labels = [alloc[n] for n in names]
         rng.shuffle(labels)
-        for n, (b, g, _) in zip(names, labels, strict=True):
-            overrides.append({"pattern": f"^{re.escape(n)}$", "bits": b, "group_size": g})
-        total += sum(x[2] for x in labels)
-    data = yaml.safe_load(uniform_recipe(out).read_text())
-    for s in data["stages"]:
-        if "gptq" in s:
-            s["gptq"]["overrides"] = overrides
-    path = out / f"random{seed}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path, total
+        out.update(zip(names, labels, strict=True))
+    return out
 
 
-def damage(out: Path, sens_dir: Path, hess_dir: Path, n_layers: int, windows: int) -> dict:
-    """Measured NLL increase when only one layer is GPTQ-quantized to 3 bits (g64)."""
-    import torch
-
-    from sotool.calib import sources
-    from sotool.evaluation import perplexity
-    from sotool.models.loading import load_model, load_tokenizer, resolve_model
-    from sotool.rundir import read_json
-    from sotool.stages._quant import param_layout, target_layers
-    from sotool.stages.gptq import GPTQParams, solve_cached
-    from sotool.stages.hessians import HessianStore
-
-    ref = resolve_model("smollm2-135m")
-    model = load_model(ref)
-    tok = load_tokenizer(ref)
-    stream = sources.tokenize_stream(sources.read_text(str(WIKI), "text", "bench"), tok)
-    # held-out windows from the end of the calibration span (not the test windows)
-    ev = sources.consecutive_windows(sources.span_of(stream, (0.0, 0.8)), windows, 512, "b")
-    sens = read_json(sens_dir / "sensitivity.json")["layers"]
-    names = list(sens)
-    step = max(1, len(names) // n_layers)
-    chosen = names[::step][:n_layers]
-    layers = {n: m for n, m in target_layers(model).items() if n in chosen}
-    quant: dict[str, torch.Tensor] = {}
-    gp = GPTQParams(bits=3, group_size=64, hessians="cache")
-    spec = gp.spec_for(chosen[0])
-
-    def keep(results, _rows, _spec) -> None:
-        for n, r in results.items():
-            quant[n] = r.weight
-
-    solve_cached(layers, HessianStore(hess_dir), lambda n: spec, gp, keep)
-    base = perplexity(model, ev)["nll"]
-    out_rows = {}
-    for n in chosen:
-        mod = layers[n]
-        orig = mod.weight.detach().clone()
-        with torch.no_grad():
-            mod.weight.copy_(param_layout(mod, quant[n]))
-        out_rows[n] = perplexity(model, ev)["nll"] - base
-        with torch.no_grad():
-            mod.weight.copy_(orig)
-        log(f"damage {n}: {out_rows[n]:.5f}")
-    return {"base_nll": base, "windows": windows, "delta_nll": out_rows}
+def alloc_bytes(sens: dict, alloc: dict[str, str]) -> int:
+    return sum(sens["layers"][n]["bytes"][lab] for n, lab in alloc.items())
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -159,8 +172,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/mixed-runs", help="folder for run directories")
     ap.add_argument("--metrics", default="layerwise,trace,fisher", help="searched metrics")
     ap.add_argument("--random", type=int, default=5, help="random allocations")
-    ap.add_argument("--damage-layers", type=int, default=21, help="layers to measure (0: none)")
+    ap.add_argument("--damage-layers", type=int, default=15, help="layers to measure (0: none)")
     ap.add_argument("--damage-windows", type=int, default=8, help="512-token windows per layer")
+    ap.add_argument("--skip-pipeline", action="store_true", help="a pipeline run is under way")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,61 +185,79 @@ def main() -> None:
     def save() -> None:
         res_path.write_text(json.dumps(results, indent=2))
 
-    sets = data_sets(WIKI)
+    run = out / "searched-layerwise"
+    if not args.skip_pipeline and "pipeline" not in results:
+        log("pipeline: sensitivity -> search -> gptq -> evaluate ...")
+        r = compress(RECIPE, run, data_sets(WIKI))
+        results["pipeline"] = {
+            "ppl": stage(r, "evaluate")["summary"]["ppl"],
+            "original_ppl": stage(r, "evaluate")["summary"]["original_ppl"],
+            "search": stage(r, "search")["summary"],
+            "stage_seconds": {s["name"]: s["seconds"] for s in r["stages"]},
+        }
+        save()
+    hess = wait_for("stages/hessians-*/index.json", run).parent
+    bench = Bench(hess, [(3, 64), (4, 64)])
+    names = list(bench.layers)
+    for lab in ("w3g64", "w4g64"):
+        key = f"uniform-{lab}"
+        if key not in results:
+            results[key] = bench.ppl(dict.fromkeys(names, lab))
+            save()
+        log(f"{key}: ppl {results[key]['ppl']:.3f}")
+    sens_dir = wait_for("stages/sensitivity-*/sensitivity.json", run).parent
+    sens = json.loads((sens_dir / "sensitivity.json").read_text())
+    results["sensitivity_info"] = sens["info"]
+    allocs = {}
     for metric in args.metrics.split(","):
+        allocs[metric] = searched(sens, metric, 3.5)
         key = f"searched-{metric}"
         if key not in results:
-            log(f"{key} ...")
-            r = compress(RECIPE, out / key, [*sets, f"search.metric={metric}"])
-            sens = stage(r, "sensitivity")
-            results[key] = {
-                "ppl": stage(r, "evaluate")["summary"]["ppl"],
-                "search": stage(r, "search")["summary"],
-                "sensitivity_seconds": sens["summary"]["seconds"],
-                "sensitivity_stage_seconds": sens["seconds"],
-                "wall": r["wall"],
-            }
+            results[key] = bench.ppl(allocs[metric])
+            results[key]["bytes"] = alloc_bytes(sens, allocs[metric])
+            results[key]["w4_layers"] = sum(v == "w4g64" for v in allocs[metric].values())
             save()
         log(f"{key}: ppl {results[key]['ppl']:.3f}")
-    uni = uniform_recipe(out)
-    for b in (3, 4):
-        key = f"uniform-w{b}g64"
-        if key not in results:
-            r = compress(uni, out / key, [*sets, f"gptq.bits={b}", "gptq.group_size=64"])
-            results[key] = {"ppl": stage(r, "evaluate")["summary"]["ppl"], "wall": r["wall"]}
-            save()
-        log(f"{key}: ppl {results[key]['ppl']:.3f}")
-    first = f"searched-{args.metrics.split(',')[0]}"
-    alloc_dir = next((out / first / "stages").glob("search-*"))
-    alloc = json.loads((alloc_dir / "allocation.json").read_text())
     for seed in range(args.random):
         key = f"random-{seed}"
         if key not in results:
-            path, total = random_recipe(out, alloc, seed)
-            assert total == alloc["total_bytes"], (total, alloc["total_bytes"])
-            r = compress(path, out / key, sets)
-            results[key] = {"ppl": stage(r, "evaluate")["summary"]["ppl"], "bytes": total}
+            a = shuffled(allocs["layerwise"], seed)
+            results[key] = bench.ppl(a)
+            results[key]["bytes"] = alloc_bytes(sens, a)
+            assert results[key]["bytes"] == results["searched-layerwise"]["bytes"]
             save()
         log(f"{key}: ppl {results[key]['ppl']:.3f}")
     if args.damage_layers and "damage" not in results:
-        sens_dir = next((out / first / "stages").glob("sensitivity-*"))
-        hess_dir = next((out / first / "stages").glob("hessians-*"))
+        from sotool.calib import sources
+
+        stream = sources.tokenize_stream(sources.read_text(str(WIKI), "text", "b"), bench.tok)
+        win = sources.consecutive_windows(
+            sources.span_of(stream, (0.0, 0.8)), args.damage_windows, 512, "b"
+        )
         t0 = time.perf_counter()
-        results["damage"] = damage(out, sens_dir, hess_dir, args.damage_layers, args.damage_windows)
-        results["damage"]["seconds"] = time.perf_counter() - t0
+        base = bench.ppl({}, win)["nll"]
+        step = max(1, len(names) // args.damage_layers)
+        delta = {}
+        for n in names[::step][: args.damage_layers]:
+            delta[n] = bench.ppl({n: "w3g64"}, win)["nll"] - base
+            log(f"damage {n}: {delta[n]:.5f}")
+        results["damage"] = {
+            "base_nll": base,
+            "windows": args.damage_windows,
+            "delta_nll": delta,
+            "seconds": time.perf_counter() - t0,
+        }
         save()
-    if "damage" in results:
-        sens_dir = next((out / first / "stages").glob("sensitivity-*"))
-        sens = json.loads((sens_dir / "sensitivity.json").read_text())["layers"]
-        d = results["damage"]["delta_nll"]
+    d = results.get("damage", {}).get("delta_nll", {})
+    if d:
         corr = {}
-        for m in ("layerwise", "trace", "fisher", "eigen"):
-            pairs = [(sens[n]["cost"].get(m, {}).get("w3g64"), v) for n, v in d.items()]
+        for m in sens["metrics"]:
+            pairs = [(sens["layers"][n]["cost"][m].get("w3g64"), v) for n, v in d.items()]
             pairs = [(p, v) for p, v in pairs if p is not None]
             if len(pairs) >= 3:
                 corr[m] = spearman([p for p, _ in pairs], [v for _, v in pairs])
-        pairs = [(sens[n]["rtn_loss"]["w3g64"], v) for n, v in d.items()]
-        corr["layerwise_rtn"] = spearman([p for p, _ in pairs], [v for _, v in pairs])
+        pairs = [(sens["layers"][n]["rtn_loss"]["w3g64"], v) for n, v in d.items()]
+        corr["layerwise (RTN objective)"] = spearman([p for p, _ in pairs], [v for _, v in pairs])
         results["spearman"] = corr
         save()
     rand = [results[f"random-{s}"]["ppl"] for s in range(args.random) if f"random-{s}" in results]
@@ -237,6 +269,7 @@ def main() -> None:
     print(f"{'W3/W4 midpoint':<22}{mid:>10.3f}")
     if rand:
         print(f"random: best {min(rand):.3f}, worst {max(rand):.3f}")
+    print("metric seconds:", {m: i.get("seconds") for m, i in sens["info"].items()})
     if "spearman" in results:
         print("Spearman(predicted w3g64 cost, measured ΔNLL):", results["spearman"])
 
