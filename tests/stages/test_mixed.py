@@ -9,16 +9,13 @@ import pytest
 from sotool.algos.search import quantized_layer_bytes
 from sotool.rundir import read_json
 from sotool.tensorio import load_shards
+from tests.test_pipeline import RECIPE as PIPELINE
 from tests.test_pipeline import cli, compress
 
-RECIPE = """
-model: {model}
-seed: 0
-calibration: {{source: pydoc, span: [0, 0.5], samples: 8, seqlen: 32, batch_size: 4}}
-stages:
-  - calibrate: {{}}
-  - hessians: {{}}
-  - sensitivity:
+# the pipeline tests' model, calibration, calibrate and hessians stages, then ours
+RECIPE = (
+    PIPELINE[: PIPELINE.index("  - gptq")]
+    + """  - sensitivity:
       metrics: [layerwise, trace, eigen, fisher]
       bits: [2, 4]
       group_sizes: [32]
@@ -31,6 +28,7 @@ stages:
   - gptq: {{hessians: cache}}
   - evaluate: {{data: pydoc, span: [0.5, 1.0], windows: 2, seqlen: 32}}
 """
+)
 
 
 def _stage(run, name):
