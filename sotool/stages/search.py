@@ -64,7 +64,7 @@ class SearchParams(Strict):
 
     metric: Metric = Field("layerwise", description="which sensitivity metric's costs to use")
     candidates: list[str] | None = Field(
-        None, description="labels to choose from, e.g. [w3g64, w4g64] (default: all computed)"
+        None, description="labels to choose from, such as w3g64 and w4g64 (default: all computed)"
     )
     budget: Budget = Field(description="size budget: {avg_bits: 3.5} or {bytes: N}")
     max_degradation: float | None = Field(
