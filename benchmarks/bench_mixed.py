@@ -75,7 +75,11 @@ class Bench:
     solves each layer independently, so a mixed allocation's weights are exactly these),
     then each allocation is a weight swap and one perplexity measurement."""
 
-    def __init__(self, hess_dir: Path, cands: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, hess_dir: Path, cands: list[tuple[int, int]], out: Path, windows: int
+    ) -> None:
+        from safetensors.torch import load_file, save_file
+
         from sotool.models.loading import load_model, load_tokenizer, resolve_model
         from sotool.stages._quant import target_layers
         from sotool.stages.evaluate import EvaluateParams, eval_windows
@@ -86,11 +90,15 @@ class Bench:
         self.model = load_model(ref)
         self.tok = load_tokenizer(ref)
         self.test = eval_windows(
-            EvaluateParams(data=str(WIKI), span=(0.8, 1.0), windows=40), self.tok
+            EvaluateParams(data=str(WIKI), span=(0.8, 1.0), windows=windows), self.tok
         )
         self.layers = target_layers(self.model)
         self.weights: dict[str, dict[str, object]] = {}
         for b, g in cands:
+            cached = out / f"weights-w{b}g{g}.safetensors"  # solved once, kept across restarts
+            if cached.exists():
+                self.weights[f"w{b}g{g}"] = dict(load_file(str(cached)))
+                continue
             gp = GPTQParams(bits=b, group_size=g, hessians="cache")
             spec = gp.spec_for("")
             got: dict[str, object] = {}
@@ -101,6 +109,7 @@ class Bench:
             t0 = time.perf_counter()
             solve_cached(self.layers, HessianStore(hess_dir), lambda n, s=spec: s, gp, keep)
             log(f"solved w{b}g{g} in {time.perf_counter() - t0:.1f} s")
+            save_file({k: v.contiguous() for k, v in got.items()}, str(cached))
             self.weights[f"w{b}g{g}"] = got
 
     def ppl(self, alloc: dict[str, str], windows: object | None = None) -> dict:
@@ -175,6 +184,7 @@ def main() -> None:
     ap.add_argument("--damage-layers", type=int, default=15, help="layers to measure (0: none)")
     ap.add_argument("--damage-windows", type=int, default=8, help="512-token windows per layer")
     ap.add_argument("--skip-pipeline", action="store_true", help="a pipeline run is under way")
+    ap.add_argument("--eval-windows", type=int, default=40, help="last N 512-token windows")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +207,8 @@ def main() -> None:
         }
         save()
     hess = wait_for("stages/hessians-*/index.json", run).parent
-    bench = Bench(hess, [(3, 64), (4, 64)])
+    bench = Bench(hess, [(3, 64), (4, 64)], out, args.eval_windows)
+    results["eval_windows"] = args.eval_windows
     names = list(bench.layers)
     for lab in ("w3g64", "w4g64"):
         key = f"uniform-{lab}"
