@@ -180,20 +180,28 @@ def report(
     sort: Annotated[
         str,
         typer.Option(
-            help="column to sort layers by (gptq_loss, rtn_loss, ratio, h_trace, seconds, layer)"
+            help="column to sort layers by (gptq_loss, rtn_loss, ratio, h_trace, seconds, "
+            "layer; sensitivity: trace, eigen, fisher, layerwise)"
         ),
     ] = "gptq_loss",
     top: Annotated[int | None, typer.Option(help="show only the first N layers")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="also write the frontier and per-layer sensitivity to this PNG"),
+    ] = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Per-layer table and stage results of a run."""
-    from sotool.report import collect_run, print_report
+    """Per-layer tables (sensitivity, allocation, frontier) and stage results of a run."""
+    from sotool.report import collect_run, mixed_data, plot_mixed, print_report
 
     if as_json:
-        _emit(_guard(debug, collect_run, run_dir))
-        return
-    _guard(debug, print_report, run_dir, Console(stderr=False), sort, top)
+        _emit(_guard(debug, lambda: {**collect_run(run_dir), **mixed_data(run_dir)}))
+    else:
+        _guard(debug, print_report, run_dir, Console(stderr=False), sort, top)
+    if plot is not None:
+        _guard(debug, plot_mixed, mixed_data(run_dir), plot)
+        err.print(f"wrote {plot}")
 
 
 @app.command()

@@ -23,6 +23,12 @@ def _group_ok(v: int) -> int:
     return v
 
 
+def clip_search(clip: str, group_size: int) -> bool:
+    """Whether grids of this group size get the MSE range search under `clip`
+    (auto: groups yes, per channel no)."""
+    return clip == "mse" or (clip == "auto" and group_size > 0)
+
+
 def check_regexes(patterns: list[str]) -> list[str]:
     """Validate regexes for pydantic validators (a ValueError names the bad one)."""
     for p in patterns:
@@ -97,8 +103,10 @@ class QuantParams(Strict):
                 bits = o.bits if o.bits is not None else bits
                 gs = o.group_size if o.group_size is not None else gs
                 sym = o.sym if o.sym is not None else sym
-        mse = self.clip == "mse" or (self.clip == "auto" and gs > 0)
-        return QuantSpec(bits=bits, group_size=gs, sym=sym, mse=mse)
+        return QuantSpec(bits=bits, group_size=gs, sym=sym, mse=self.clip_search(gs))
+
+    def clip_search(self, group_size: int) -> bool:
+        return clip_search(self.clip, group_size)
 
 
 def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

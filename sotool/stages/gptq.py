@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -30,7 +32,7 @@ from sotool.algos.quant import QuantResult, QuantSpec, rtn
 from sotool.memory import release
 from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.registry import register_stage
-from sotool.rundir import write_json
+from sotool.rundir import read_json, write_json
 from sotool.stages._quant import QuantParams, QuantStore, param_layout, target_layers
 from sotool.stages.hessians import HessianStore, SharedInputAccumulator, sequential_groups
 
@@ -59,6 +61,11 @@ class GPTQParams(QuantParams):
     )
     batch_bytes: int = Field(
         160 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
+    )
+    allocation: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: per-layer bits/group size from an upstream `search` stage when "
+        "there is one (else `bits`/`group_size`); off: ignore any search",
     )
 
 
@@ -146,15 +153,74 @@ def _batches(items: list[Any], per_item_bytes: int, budget: int) -> list[list[An
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
+SpecOf = Callable[[str], QuantSpec | None]
+
+
 def _bucket(
-    names: list[str], key_of: dict[str, str], params: GPTQParams
+    names: list[str], key_of: dict[str, str], spec_of: SpecOf
 ) -> dict[tuple[str, QuantSpec], list[str]]:
     groups: dict[tuple[str, QuantSpec], list[str]] = defaultdict(list)
     for n in names:
-        spec = params.spec_for(n)
+        spec = spec_of(n)
         if spec is not None:
             groups[(key_of[n], spec)].append(n)
     return groups
+
+
+def solve_cached(
+    layers: dict[str, torch.nn.Module],
+    hs: HessianStore,
+    spec_of: SpecOf,
+    params: GPTQParams,
+    on_solved: Callable[[dict[str, QuantResult], list[dict[str, Any]], QuantSpec], None],
+    *,
+    keep: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    bar: Any = None,
+) -> None:
+    """Solve every layer from the Hessian cache; layers of one shape and grid are solved
+    together across blocks. `on_solved(results, rows, spec)` receives each batch."""
+    key_of = {n: hs.input_key(n) for n in layers}
+    shapes: dict[tuple[Any, ...], list[list[str]]] = defaultdict(list)
+    for (_key, spec), names in _bucket(list(layers), key_of, spec_of).items():
+        out_rows = sum(weight_matrix(layers[x]).shape[0] for x in names)
+        cols = weight_matrix(layers[names[0]]).shape[1]
+        shapes[(spec, out_rows, cols)].append(names)
+    jobs = []
+    for (spec, r, c), probs in shapes.items():
+        per = 4 * (6 * r * c + 5 * c * c)  # W and its copies, codes; H, its copies, U
+        jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
+    for spec, chunk in jobs:
+        problems = []
+        for names in chunk:
+            s, n = hs.get(names[0])
+            problems.append(({x: layers[x] for x in names}, s, n))
+        results, rows = solve_batch(problems, spec, params, keep, device)
+        on_solved(results, rows, spec)
+        del problems, results
+        release(collect=False)
+        if bar is not None:
+            bar.advance(len(rows))
+
+
+def allocation_spec_of(ctx: Any, params: GPTQParams) -> tuple[SpecOf, dict[str, Any] | None]:
+    """The grid of each layer: params' grid, with bits/group size from an upstream
+    `search` stage's allocation when `allocation` is auto and there is one."""
+    rec = ctx.find("search") if params.allocation == "auto" else None
+    if rec is None:
+        return params.spec_for, None
+    alloc = read_json(rec.dir / "allocation.json")
+    chosen = alloc["layers"]
+
+    def spec_of(name: str) -> QuantSpec | None:
+        base = params.spec_for(name)
+        if base is None or name not in chosen:
+            return base
+        c = chosen[name]
+        gs = int(c["group_size"])
+        return replace(base, bits=int(c["bits"]), group_size=gs, mse=params.clip_search(gs))
+
+    return spec_of, alloc
 
 
 def _report(ctx: Any, rows: list[dict[str, Any]]) -> None:
@@ -182,34 +248,27 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
     if ctx.find("prune") is not None:  # joint sparsity: pruned weights stay zero
         keep = {n: weight_matrix(m).detach() != 0 for n, m in target_layers(model).items()}
     t_all = time.perf_counter()
+    spec_of, alloc = allocation_spec_of(ctx, params)
+    if alloc is not None:
+        ctx.console.print(
+            f"  per-layer bits from the search: {alloc['avg_bits']:.3f} average bits, "
+            f"{alloc['total_bytes']} bytes"
+        )
+
     if params.hessians == "cache":
         hs = HessianStore(ctx.require("hessians").dir)
         layers = target_layers(model)
-        key_of = {n: hs.input_key(n) for n in layers}
-        # problems of one shape and grid are solved together, across blocks
-        shapes: dict[tuple[Any, ...], list[list[str]]] = defaultdict(list)
-        for (_key, spec), names in _bucket(list(layers), key_of, params).items():
-            out_rows = sum(weight_matrix(layers[x]).shape[0] for x in names)
-            cols = weight_matrix(layers[names[0]]).shape[1]
-            shapes[(spec, out_rows, cols)].append(names)
-        jobs = []
-        for (spec, r, c), probs in shapes.items():
-            per = 4 * (6 * r * c + 5 * c * c)  # W and its copies, codes; H, its copies, U
-            jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
+
+        def commit(
+            results: dict[str, QuantResult], r: list[dict[str, Any]], spec: QuantSpec
+        ) -> None:
+            _commit(ctx, layers, results, store, spec)
+            rows.extend(r)
+
         with ctx.progress("gptq: solving", len(layers)) as bar:
-            for spec, chunk in jobs:
-                problems = []
-                for names in chunk:
-                    s, n = hs.get(names[0])
-                    problems.append(({x: layers[x] for x in names}, s, n))
-                results, r = solve_batch(problems, spec, params, keep, ctx.device)
-                _commit(ctx, layers, results, store, spec)
-                del problems, results
-                release(collect=False)
-                rows += r
-                bar.advance(len(r))
+            solve_cached(layers, hs, spec_of, params, commit, keep=keep, device=ctx.device, bar=bar)
     else:
-        rows = _sequential(ctx, model, params, store, keep)
+        rows = _sequential(ctx, model, params, spec_of, store, keep)
     store.save()
     write_json(ctx.out_dir / "layers.json", rows)
     _report(ctx, rows)
@@ -217,8 +276,9 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
     rt = sum(r["rtn_loss"] for r in rows)
     return {
         "layers": len(rows),
-        "bits": params.bits,
-        "group_size": params.group_size,
+        "bits": params.bits if alloc is None else "mixed",
+        "group_size": params.group_size if alloc is None else "mixed",
+        "avg_bits": _avg_bits(rows),
         "sym": params.sym,
         "act_order": params.act_order,
         "hessians": params.hessians,
@@ -235,6 +295,7 @@ def _sequential(
     ctx: Any,
     model: torch.nn.Module,
     params: GPTQParams,
+    spec_of: SpecOf,
     store: QuantStore,
     keep: dict[str, torch.Tensor] | None,
 ) -> list[dict[str, Any]]:
@@ -243,7 +304,7 @@ def _sequential(
     rows: list[dict[str, Any]] = []
 
     def solve(runner: Any, group: list[str], acc: SharedInputAccumulator) -> None:
-        for (key, spec), names in _bucket(group, acc.alias, params).items():
+        for (key, spec), names in _bucket(group, acc.alias, spec_of).items():
             hsum = acc.sums[key]
             problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
             results, r = solve_batch([problem], spec, params, keep, ctx.device)
@@ -257,12 +318,17 @@ def _sequential(
             ctx.calibration_tokens(),
             device=ctx.device,
             batch_size=ctx.recipe.calibration.batch_size,
-            wanted=lambda n: params.spec_for(n) is not None,
+            wanted=lambda n: spec_of(n) is not None,
             solve=solve,
             true_sequential=params.true_sequential,
             on_block=lambda _done, _total: bar.advance(),
         )
     return rows
+
+
+def _avg_bits(rows: list[dict[str, Any]]) -> float | None:
+    n = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    return sum(r["bits"] * r["shape"][0] * r["shape"][1] for r in rows) / n if n else None
 
 
 def _commit(
