@@ -1,3 +1,12 @@
 """Built-in stages; importing this package registers them."""
 
-from sotool.stages import calibrate, evaluate, export, gptq, hessians, prune, rtn  # noqa: F401
+from sotool.stages import (  # noqa: F401
+    calibrate,
+    evaluate,
+    export,
+    fisher,
+    gptq,
+    hessians,
+    prune,
+    rtn,
+)

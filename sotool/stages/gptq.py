@@ -28,11 +28,11 @@ from sotool.algos.gptq import GPTQResult, gptq_batch, layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import QuantResult, QuantSpec, rtn
 from sotool.memory import release
-from sotool.models.blocks import find_blocks, iterate_blocks, weight_matrix
+from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.registry import register_stage
 from sotool.rundir import write_json
 from sotool.stages._quant import QuantParams, QuantStore, param_layout, target_layers
-from sotool.stages.hessians import HessianStore, collect
+from sotool.stages.hessians import HessianStore, sequential_groups
 
 
 class GPTQParams(QuantParams):
@@ -208,26 +208,23 @@ def run(ctx: Any, params: GPTQParams) -> dict[str, Any]:
                 bar.advance(len(r))
     else:
         tokens = ctx.calibration_tokens()
-        bs = ctx.recipe.calibration.batch_size
         nblocks = len(find_blocks(model)[1])
         with ctx.progress("gptq: blocks (sequential)", nblocks) as bar:
-            for runner in iterate_blocks(model, tokens, device=ctx.device, batch_size=bs):
-                wanted = [n for n in runner.layers if params.spec_for(n) is not None]
-                groups = runner.input_groups() if params.true_sequential else [wanted]
-                for group in groups:
-                    group = [n for n in group if n in wanted]
-                    if not group:
-                        continue
-                    acc = collect(runner, group, early_stop=True)
-                    for (key, spec), names in _bucket(group, acc.alias, params).items():
-                        hsum = acc.sums[key]
-                        problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
-                        results, r = solve_batch([problem], spec, params, keep, ctx.device)
-                        _commit(ctx, runner.layers, results, store, spec)
-                        rows += r
-                    del acc
-                    release(collect=False)
-                bar.advance()
+            for runner, group, acc in sequential_groups(
+                model,
+                tokens,
+                device=ctx.device,
+                batch_size=ctx.recipe.calibration.batch_size,
+                wanted=lambda n: params.spec_for(n) is not None,
+                true_sequential=params.true_sequential,
+                on_block=lambda _done, _total: bar.advance(),
+            ):
+                for (key, spec), names in _bucket(group, acc.alias, params).items():
+                    hsum = acc.sums[key]
+                    problem = ({x: runner.layers[x] for x in names}, hsum.sum, hsum.count)
+                    results, r = solve_batch([problem], spec, params, keep, ctx.device)
+                    _commit(ctx, runner.layers, results, store, spec)
+                    rows += r
     store.save()
     write_json(ctx.out_dir / "layers.json", rows)
     _report(ctx, rows)

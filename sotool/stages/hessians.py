@@ -12,6 +12,7 @@ Recipe::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sotool.algos.hessian import HessianSum
+from sotool.memory import release
 from sotool.models.blocks import BlockRunner, find_blocks, iterate_blocks
 from sotool.recipe import Strict
 from sotool.registry import register_stage
@@ -75,6 +77,35 @@ def collect(
     )
     acc.reset_batch()
     return acc
+
+
+def sequential_groups(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int,
+    wanted: Callable[[str], bool],
+    true_sequential: bool = True,
+    on_block: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[BlockRunner, list[str], SharedInputAccumulator]]:
+    """Hessians re-collected on the model as the caller changes it, block by block.
+
+    Yields (runner, group, accumulator) for each group of `wanted` layers sharing one
+    input, in execution order (q/k/v, o, gate/up, down with `true_sequential`; the whole
+    block otherwise). Weights the caller changes before the next step feed the next
+    group's inputs and the next block's.
+    """
+    for runner in iterate_blocks(
+        model, tokens, device=device, batch_size=batch_size, on_block=on_block
+    ):
+        names = [n for n in runner.layers if wanted(n)]
+        groups = runner.input_groups() if true_sequential else [names]
+        for group in groups:
+            group = [n for n in group if n in names]
+            if group:
+                yield runner, group, collect(runner, group, early_stop=True)
+                release(collect=False)
 
 
 class HessianStore:
