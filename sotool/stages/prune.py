@@ -204,7 +204,6 @@ def prune_layer(
         assert grads is not None
         ob = obert_prune(w, grads, pat, block=params.fisher_block, damp=params.damp)
         w_new, mask, lam = ob.weight, ob.mask, ob.lam
-        row.update(damp=params.damp)
     else:
         w_new, mask = mag_w, mag_mask
     if params.method == "obert" or (h is None and grads is not None):
