@@ -150,8 +150,6 @@ def obert_prune(
     *,
     block: int = 32,
     damp: float = 0.01,
-    finv: torch.Tensor | None = None,
-    lam: float | None = None,
 ) -> OBSResult:
     """Prune one layer in one shot with the block-diagonal Fisher.
 
@@ -161,12 +159,10 @@ def obert_prune(
         pattern: unstructured (over the whole layer), N:M or blockK.
         block: Fisher block size B (a multiple of K for blockK).
         damp: relative damping (λ = damp · mean diag of the empirical Fisher).
-        finv, lam: a precomputed `block_fisher_inverse` and its λ (skips rebuilding it).
     """
     check_layout(tuple(w.shape), pattern, block)
-    if finv is None or lam is None:
-        lam = fisher_damp(grads, damp)
-        finv = block_fisher_inverse(grads.float(), block, lam)
+    lam = fisher_damp(grads, damp)
+    finv = block_fisher_inverse(grads.float(), block, lam)
     score = obert_saliency(w, finv, pattern, block)
     mask = select_mask(score, pattern)
     new = obs_update(to_blocks(w, block), finv, to_blocks(mask, block).bool())

@@ -79,6 +79,11 @@ stages:
 """
 
 
+def obert_recipe(write_recipe, model, method, pattern, extra="", evaluate=""):
+    text = OBERT.format(model=model, method=method, pattern=pattern, extra=extra, evaluate=evaluate)
+    return write_recipe(text)
+
+
 def exported_zeros_match(out, cls):
     model = cls.from_pretrained(out / "model")
     masks = load_shards(next((out / "stages").glob("prune-*")), "masks")
@@ -92,15 +97,8 @@ def exported_zeros_match(out, cls):
 def test_obert_block4_on_bert_through_cli(tiny_models, write_recipe, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    recipe = write_recipe(
-        OBERT.format(
-            model=tiny_models["bert"],
-            method="obert",
-            pattern="block4",
-            extra="",
-            evaluate="  - evaluate: {span: [0.5, 1.0], windows: 4, seqlen: 32}",
-        )
-    )
+    ev = "  - evaluate: {span: [0.5, 1.0], windows: 4, seqlen: 32}"
+    recipe = obert_recipe(write_recipe, tiny_models["bert"], "obert", "block4", evaluate=ev)
     res = compress(recipe, tmp_path / "bert")
     summ = res["stages"][2]["summary"]
     assert summ["objective"] == "fisher" and summ["ratio"] < 1.0
@@ -118,15 +116,7 @@ def test_obert_global_allocation_on_llama(tiny_models, write_recipe, tmp_path):
 
     run_dir = tmp_path / "llama"
     extra = ", allocation: global"
-    recipe = write_recipe(
-        OBERT.format(
-            model=tiny_models["llama"],
-            method="obert",
-            pattern="unstructured",
-            extra=extra,
-            evaluate="",
-        )
-    )
+    recipe = obert_recipe(write_recipe, tiny_models["llama"], "obert", "unstructured", extra)
     res = compress(recipe, run_dir)
     summ = res["stages"][2]["summary"]
     assert abs(summ["sparsity"] - 0.5) < 1e-3 and summ["ratio"] < 1.0
@@ -169,21 +159,11 @@ def test_invalid_combinations(tiny_models, write_recipe, tmp_path):
     for extra, msg in [
         (", allocation: global", "use method obert or magnitude"),
     ]:
-        recipe = write_recipe(
-            OBERT.format(
-                model=tiny_models["llama"],
-                method="sparsegpt",
-                pattern="unstructured",
-                extra=extra,
-                evaluate="",
-            )
+        recipe = obert_recipe(
+            write_recipe, tiny_models["llama"], "sparsegpt", "unstructured", extra
         )
         res = cli("validate", str(recipe))
         assert res.exit_code == 1 and msg in res.stderr and "prune" in res.stderr
-    recipe = write_recipe(
-        OBERT.format(
-            model=tiny_models["llama"], method="obert", pattern="block3", extra="", evaluate=""
-        )
-    )
+    recipe = obert_recipe(write_recipe, tiny_models["llama"], "obert", "block3")
     res = cli("validate", str(recipe))
     assert res.exit_code == 1 and "fisher_block" in res.stderr
