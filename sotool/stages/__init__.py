@@ -4,6 +4,7 @@ from sotool.stages import (  # noqa: F401
     calibrate,
     evaluate,
     export,
+    fisher,
     gptq,
     hessians,
     prune,
