@@ -56,22 +56,17 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     if not spec.mse:
         return _grid(wmin, wmax, spec)
     shrink = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=w.dtype) / (2 * CLIP_STEPS)
-    if w.numel() * CLIP_STEPS <= _VECTOR_LIMIT:  # all candidates at once
-        view = (-1,) + (1,) * wmin.dim()
-        s, z = _grid(wmin[None] * shrink.view(view), wmax[None] * shrink.view(view), spec)
-        err = _clip_err(w[None], s, z, spec)  # (steps, ..., rows)
-        best = err.argmin(0, keepdim=True)
-        return s.gather(0, best)[0], z.gather(0, best)[0]
-    best_s, best_z = _grid(wmin, wmax, spec)
-    best_err = _clip_err(w, best_s, best_z, spec)
-    for p in shrink[1:].tolist():
-        s, z = _grid(wmin * p, wmax * p, spec)
-        err = _clip_err(w, s, z, spec)
-        better = err < best_err
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-        best_err = torch.where(better, err, best_err)
-    return best_s, best_z
+    # all candidates at once, over chunks of rows small enough for one tensor op
+    flat, lo, hi = w.reshape(-1, w.shape[-1]), wmin.reshape(-1), wmax.reshape(-1)
+    step = max(1, _VECTOR_LIMIT // (CLIP_STEPS * w.shape[-1]))
+    scale, zero = torch.empty_like(lo), torch.empty_like(lo)
+    for r0 in range(0, flat.shape[0], step):
+        sl = slice(r0, r0 + step)
+        s, z = _grid(lo[None, sl] * shrink[:, None], hi[None, sl] * shrink[:, None], spec)
+        err = _clip_err(flat[None, sl], s, z, spec)  # (steps, rows)
+        best = err.argmin(0, keepdim=True)  # the first of equal errors: the widest range
+        scale[sl], zero[sl] = s.gather(0, best)[0], z.gather(0, best)[0]
+    return scale.reshape(wmin.shape), zero.reshape(wmin.shape)
 
 
 def fit_groups(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
