@@ -124,6 +124,14 @@ def check_export(
                     f"export: {name} has zero points of 0, which GPTQ v1 (stores zero−1) "
                     "cannot hold; set checkpoint_format: gptq_v2, or quantize with sym: true"
                 )
+    asym = [n for n, q in layers.items() if not q.scheme.sym]
+    if fmt == "compressed-tensors" and asym:
+        warnings.append(
+            f"{asym[0]} (and {len(asym) - 1} more) asymmetric: transformers with "
+            "compressed-tensors 0.20 loads asymmetric pack-quantized checkpoints only through "
+            "CompressedTensorsConfig(dequantize=True), and mixed asymmetric grids not at all; "
+            "use sym: true or format: gptq for the default from_pretrained path"
+        )
     bits = sorted({q.scheme.bits for q in layers.values()} - set(VLLM_GPTQ_BITS))
     if bits:
         warnings.append(

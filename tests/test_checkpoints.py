@@ -189,3 +189,11 @@ def test_layer_patterns_cover_exactly():
     pats = layer_patterns(chosen, names)
     assert ".*\\.mlp\\.up$" in pats and len(pats) == 2
     assert {n for n in names if any(re.match(p, n) for p in pats)} == set(chosen)
+
+
+def test_asymmetric_compressed_tensors_warns_about_the_loader():
+    model = tiny_llama()
+    warns = check_export(model, quantize(model, False, 32, False), "compressed-tensors")
+    assert len(warns) == 1 and "\n" not in warns[0] and "dequantize=True" in warns[0]
+    model = tiny_llama()
+    assert check_export(model, quantize(model, True, 32, False), "compressed-tensors") == []
