@@ -152,9 +152,9 @@ def run_sotool(
     recipe.write_text(RECIPE.format(wiki=WIKI, samples=samples, stages=stages))
     # cache runs share one run directory: the Hessians are computed once for the sweep
     run = sweep or out / "runs" / (method if method == "cache" else f"{method}-{name}")
-    if fresh:  # measure from scratch: no completed stage to skip or reuse
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.rmtree(out / "runs" / "sweep", ignore_errors=True)
+    if fresh:  # measure from scratch: a folder with no sibling runs to take stages from
+        shutil.rmtree(out / "fresh", ignore_errors=True)
+        run = out / "fresh" / run.name
     wall, rss, stdout = measured(sotool_cmd("compress", str(recipe), "-o", str(run), "--json"))
     res = json.loads(stdout.strip().splitlines()[-1])
     secs = {s["name"]: s["seconds"] for s in res["stages"]}

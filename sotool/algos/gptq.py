@@ -142,11 +142,12 @@ def gptq_batch(
     ng = spec.groups(cols)
     grouped = spec.group_size > 0
 
-    scale = torch.empty(B, rows, ng, device=dev)
-    zero = torch.empty(B, rows, ng, device=dev)
     g_idx = (torch.arange(cols, device=dev) // gs).to(torch.int32).repeat(B, 1)
     if not grouped or static_groups:
         scale, zero = fit_groups(W, spec)
+    else:  # filled group by group during the sweep
+        scale = torch.empty(B, rows, ng, device=dev)
+        zero = torch.empty(B, rows, ng, device=dev)
 
     perm = torch.arange(cols, device=dev).repeat(B, 1)
     if act_order:
