@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from sotool import __version__
 from sotool.errors import SotoolError
-from sotool.memory import release
+from sotool.memory import freeze_heap, release
 from sotool.models.loading import ModelRef, load_model, load_tokenizer, resolve_model
 from sotool.progress import make_progress
 from sotool.recipe import LoadedRecipe, StageEntry
@@ -79,7 +79,9 @@ class ModelSession:
 
     def base(self) -> torch.nn.Module:
         """A fresh copy of the original model."""
-        return load_model(self.ref, self.dtype)
+        model = load_model(self.ref, self.dtype)
+        freeze_heap()
+        return model
 
     def model(self, upstream: list[StageRecord]) -> torch.nn.Module:
         """The model with the weight overrides of `upstream` applied, in order."""

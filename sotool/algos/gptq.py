@@ -49,7 +49,7 @@ class GPTQResult(QuantResult):
 
 
 def damped_inverse_cholesky(
-    h: torch.Tensor, damp: float, max_retries: int = 6
+    h: torch.Tensor, damp: float, max_retries: int = 6, *, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """U = upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ for each H in a batch,
     raising λ ×10 for the matrices whose factorisation fails.
@@ -58,31 +58,28 @@ def damped_inverse_cholesky(
         h: (B, d, d) symmetric PSD Hessians with no zero diagonal.
         damp: the first relative damping λ to try.
         max_retries: how many times λ may be multiplied by 10.
+        overwrite: write U into h's storage (h is consumed; saves a B·d² buffer).
 
     Returns:
         U (B, d, d) float32 (identity where every λ failed), λ used (B,), retries (B,),
         failed (B,) bool.
     """
     b, d, _ = h.shape
-    eye = torch.eye(d, dtype=torch.float64, device=h.device)
-    out = torch.empty(b, d, d, device=h.device)
+    out = h if overwrite and h.dtype == torch.float32 else torch.empty(b, d, d, device=h.device)
     lams = torch.empty(b, dtype=torch.float64)
     retries = torch.zeros(b, dtype=torch.int64)
     failed = torch.zeros(b, dtype=torch.bool)
-    for k in range(b):  # one matrix at a time: float64 work memory stays O(d²)
-        h64 = h[k].to(torch.float64)
-        mean_diag = float(torch.diagonal(h64).mean())
+    for k in range(b):  # one matrix at a time: work memory stays O(d²)
+        hk = h[k].to(torch.float32, copy=True)
+        mean_diag = float(torch.diagonal(hk).double().mean())
         lam = float(damp)
         for attempt in range(max_retries + 1):
-            # H = V Vᵀ with V upper triangular (the Cholesky factor of H with rows and
-            # columns reversed); then H⁻¹ = V⁻ᵀV⁻¹ = UᵀU with U = V⁻¹ upper: the factor
-            # GPTQ needs, without forming H⁻¹.
-            chol, info = torch.linalg.cholesky_ex((h64 + (lam * mean_diag) * eye).flip(0, 1))
-            if int(info) == 0:
-                u = torch.linalg.solve_triangular(chol.flip(0, 1), eye, upper=True)
-                if bool(torch.isfinite(u).all()):
-                    out[k] = u.to(torch.float32)
-                    break
+            u = _inverse_factor(hk, lam * mean_diag, torch.float32)
+            if u is None:  # float32 lost definiteness: ask float64 before raising λ
+                u = _inverse_factor(hk, lam * mean_diag, torch.float64)
+            if u is not None:
+                out[k] = u
+                break
             if attempt == max_retries:
                 out[k] = torch.eye(d, device=h.device)
                 failed[k] = True
@@ -91,6 +88,26 @@ def damped_inverse_cholesky(
             retries[k] += 1
         lams[k] = lam
     return out, lams, retries, failed
+
+
+def _inverse_factor(h: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """Upper U with (H + shift·I)⁻¹ = UᵀU, in float32; None when H + shift·I is not
+    numerically positive definite in `dtype`.
+
+    H + shift·I = V Vᵀ with V upper triangular (the Cholesky factor with rows and
+    columns reversed), so (H + shift·I)⁻¹ = V⁻ᵀV⁻¹ = UᵀU with U = V⁻¹ upper: the factor
+    GPTQ needs, without forming the inverse.
+    """
+    a = h.to(dtype, copy=True)
+    a.diagonal().add_(shift)
+    chol, info = torch.linalg.cholesky_ex(a.flip(0, 1))
+    if int(info) != 0:
+        return None
+    eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+    u = torch.linalg.solve_triangular(chol.flip(0, 1), eye, upper=True)
+    if not bool(torch.isfinite(u).all()):
+        return None
+    return u.to(torch.float32)
 
 
 def _take_cols(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -108,6 +125,7 @@ def gptq_batch(
     act_order: bool = False,
     static_groups: bool = False,
     keep: torch.Tensor | None = None,
+    consume: bool = False,
 ) -> list[GPTQResult]:
     """GPTQ for B independent layers of the same shape.
 
@@ -123,12 +141,18 @@ def gptq_batch(
             is fitted on the error-updated weights when the sweep reaches it.
         keep: optional (B, out, in) bool mask; False entries are pruned: they stay
             exactly zero (code = zero point) and their error is compensated.
+        consume: w and h (float32) are scratch space the solve may overwrite, instead
+            of being copied (large batches then need about half the memory).
 
     Returns:
         One GPTQResult per layer.
     """
-    W = w.detach().to(torch.float32).clone()
-    H = h.detach().to(torch.float32).clone()
+    W = w.detach().to(torch.float32)
+    H = h.detach().to(torch.float32)
+    if not consume and W.data_ptr() == w.data_ptr():
+        W = W.clone()
+    if not consume and H.data_ptr() == h.data_ptr():
+        H = H.clone()
     B, rows, cols = W.shape
     dev = W.device
     if keep is not None:
@@ -155,50 +179,56 @@ def gptq_batch(
             torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True
         )
         W = _take_cols(W, perm)
-        H = _take_cols(H.gather(1, perm[:, :, None].expand(-1, -1, cols)), perm)
+        for b in range(B):  # in place, one matrix at a time
+            H[b] = H[b][perm[b]][:, perm[b]]
         if keep is not None:
             keep = _take_cols(keep, perm)
 
-    U, lam, retries, failed = damped_inverse_cholesky(H, damp)
+    U, lam, retries, failed = damped_inverse_cholesky(H, damp, overwrite=True)
     del H
 
-    codes = torch.zeros(B, rows, cols, device=dev)  # in permuted order
+    codes = torch.zeros(B, rows, cols, dtype=torch.uint8, device=dev)  # permuted order
     fixed_grid = not grouped or static_groups  # every column's grid is known up front
+    # Each block is processed transposed, (B, columns, rows): the current column and
+    # the rank-one updates of the columns after it are contiguous rows of memory.
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[..., i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = W[..., i1:i2].transpose(1, 2).contiguous()  # (B, bs, R)
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
         U1 = U[:, i1:i2, i1:i2]
         dinv = 1.0 / torch.diagonal(U1, dim1=-2, dim2=-1)  # (B, bs)
-        if fixed_grid:  # (B, R, bs) scale/zero of each column of this block
+        if fixed_grid:  # (B, bs, R) scale/zero of each column of this block
             gcols = perm[:, i1:i2] // gs if grouped else torch.zeros_like(perm[:, i1:i2])
             gather_idx = gcols[:, None, :].expand(-1, rows, -1)
-            S1, Z1 = scale.gather(2, gather_idx), zero.gather(2, gather_idx)
+            S1 = scale.gather(2, gather_idx).transpose(1, 2).contiguous()
+            Z1 = zero.gather(2, gather_idx).transpose(1, 2).contiguous()
         for i in range(i2 - i1):
             col = i1 + i
             if fixed_grid:
-                s, z = S1[..., i], Z1[..., i]
+                s, z = S1[:, i], Z1[:, i]
             else:
                 g = col // gs
                 if col % gs == 0:
                     # fit this group on its current, error-updated values
                     end = min(col + gs, cols)
-                    cur = W1[..., i : min(end - i1, i2 - i1)]
+                    cur = W1[:, i : min(end - i1, i2 - i1)].transpose(1, 2)
                     if end > i2:
-                        rest = W[..., i2:end] - Err1[..., :i] @ U[:, i1:col, i2:end]
+                        rest = W[..., i2:end] - Err1[:, :i].transpose(1, 2) @ U[:, i1:col, i2:end]
                         cur = torch.cat([cur, rest], dim=-1)
                     fs, fz = fit_qparams(cur, spec)
                     scale[..., g], zero[..., g] = fs, fz
                 s, z = scale[..., g], zero[..., g]
-            wc = W1[..., i]  # (B, R)
+            wc = W1[:, i]  # (B, R)
             q = quantize(wc, s, z, spec.maxq)
             if keep is not None:
                 q = torch.where(keep[..., col], q, z)
-            codes[..., col] = q
+            Q1[:, i] = q
             err = (wc - s * (q - z)) * dinv[:, i : i + 1]
-            W1[..., i:] -= err[..., None] * U1[:, i, i:][:, None, :]
-            Err1[..., i] = err
-        W[..., i2:] -= Err1 @ U[:, i1:i2, i2:]
+            W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]
+            Err1[:, i] = err
+        codes[..., i1:i2] = Q1.transpose(1, 2)
+        W[..., i2:] -= Err1.transpose(1, 2) @ U[:, i1:i2, i2:]
 
     if grouped and act_order and not static_groups:  # column at position j is in group j//gs
         pos_group = (torch.arange(cols, device=dev) // gs).to(torch.int32).repeat(B, 1)
@@ -210,7 +240,7 @@ def gptq_batch(
         out.append(
             GPTQResult(
                 weight=weight,
-                codes=codes[b].to(torch.uint8),
+                codes=codes[b],
                 scale=scale[b],
                 zero=zero[b],
                 g_idx=g_idx[b],

@@ -37,7 +37,7 @@ class QuantSpec:
 
 
 CLIP_STEPS = 20  # shrink factors 1.0, 0.975, ..., 0.525 tried by the MSE search
-_VECTOR_LIMIT = 8_000_000  # elements of w × steps searched in one tensor op
+_VECTOR_LIMIT = 1 << 18  # elements of w searched per chunk (a chunk stays in cache)
 
 
 def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +45,7 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
 
     With `spec.mse`, the range [min, max] is shrunk by the factor (of CLIP_STEPS) that
     minimises the squared rounding error Σ(w − Q(w))² per row, trading clipped
-    outliers for a finer grid.
+    outliers for a finer grid (the widest of equally good ranges wins).
 
     Returns:
         scale (..., rows) float32 > 0, zero (..., rows) float32 holding integers.
@@ -55,17 +55,28 @@ def fit_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     wmax = torch.clamp(w.amax(dim=-1), min=0)
     if not spec.mse:
         return _grid(wmin, wmax, spec)
-    shrink = 1 - torch.arange(CLIP_STEPS, device=w.device, dtype=w.dtype) / (2 * CLIP_STEPS)
-    # all candidates at once, over chunks of rows small enough for one tensor op
+    shrink = (1 - torch.arange(CLIP_STEPS, dtype=torch.float32) / (2 * CLIP_STEPS)).tolist()
     flat, lo, hi = w.reshape(-1, w.shape[-1]), wmin.reshape(-1), wmax.reshape(-1)
-    step = max(1, _VECTOR_LIMIT // (CLIP_STEPS * w.shape[-1]))
-    scale, zero = torch.empty_like(lo), torch.empty_like(lo)
-    for r0 in range(0, flat.shape[0], step):
+    rows, cols = flat.shape
+    scale, zero = _grid(lo, hi, spec)  # shrink 1.0, improved below
+    best = torch.full_like(lo, math.inf)
+    step = max(1, _VECTOR_LIMIT // max(cols, 1))
+    work = torch.empty(min(step, rows) * cols, device=w.device)
+    # row chunks that fit in cache, each candidate range evaluated in place
+    for r0 in range(0, rows, step):
         sl = slice(r0, r0 + step)
-        s, z = _grid(lo[None, sl] * shrink[:, None], hi[None, sl] * shrink[:, None], spec)
-        err = _clip_err(flat[None, sl], s, z, spec)  # (steps, rows)
-        best = err.argmin(0, keepdim=True)  # the first of equal errors: the widest range
-        scale[sl], zero[sl] = s.gather(0, best)[0], z.gather(0, best)[0]
+        x = flat[sl]
+        t = work[: x.numel()].view_as(x)
+        for f in shrink:
+            s, z = _grid(lo[sl] * f, hi[sl] * f, spec)
+            torch.div(x, s[:, None], out=t)
+            t.round_().add_(z[:, None]).clamp_(0, spec.maxq).sub_(z[:, None])
+            t.mul_(s[:, None]).sub_(x).square_()
+            err = t.sum(-1)
+            better = err < best[sl]
+            best[sl] = torch.where(better, err, best[sl])
+            scale[sl] = torch.where(better, s, scale[sl])
+            zero[sl] = torch.where(better, z, zero[sl])
     return scale.reshape(wmin.shape), zero.reshape(wmin.shape)
 
 
@@ -87,11 +98,6 @@ def fit_groups(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Te
         s, z = fit_qparams(w[..., full * gs :], spec)
         parts.append((s[..., None], z[..., None]))
     return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
-
-
-def _clip_err(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    d = fake_quantize(w, s[..., None], z[..., None], spec.maxq) - w
-    return (d * d).sum(-1)
 
 
 def _grid(

@@ -60,7 +60,7 @@ class GPTQParams(QuantParams):
         True, description="sequential mode: groups inside a block see earlier groups quantized"
     )
     batch_bytes: int = Field(
-        160 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
+        256 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
     )
     allocation: Literal["auto", "off"] = Field(
         "auto",
@@ -93,12 +93,18 @@ def solve_batch(
     layers' rows are stacked (rows are independent given H).
     """
     t0 = time.perf_counter()
-    hs = [normalize(s.to(device), n) for _, s, n in problems]
     ws = [
         [weight_matrix(m).detach().float().to(device) for m in layers.values()]
         for layers, _, _ in problems
     ]
-    w = torch.stack([torch.cat(x, dim=0) for x in ws])
+    rows_per, cols = sum(x.shape[0] for x in ws[0]), ws[0][0].shape[1]
+    # one buffer each for the stacked weights and Hessians, handed to the solver as
+    # scratch space (it permutes them and turns H into its inverse factor in place)
+    w = torch.empty(len(problems), rows_per, cols, device=device)
+    h = torch.empty(len(problems), cols, cols, device=device)
+    for k, ((_, s, n), wl) in enumerate(zip(problems, ws, strict=True)):
+        torch.cat(wl, dim=0, out=w[k])
+        h[k] = normalize(s.to(device), n)
     mask = None
     if keep is not None:
         mask = torch.stack(
@@ -106,19 +112,22 @@ def solve_batch(
         )
     results = gptq_batch(
         w,
-        torch.stack(hs),
+        h,
         spec,
         block_size=params.block_size,
         damp=params.damp,
         act_order=params.act_order,
         static_groups=params.static_groups,
         keep=mask,
+        consume=True,
     )
+    del w, h
     seconds = time.perf_counter() - t0
     out: dict[str, QuantResult] = {}
     rows: list[dict[str, Any]] = []
-    total_rows = w.shape[0] * w.shape[1]
-    for (layers, _, count), h, wl, res in zip(problems, hs, ws, results, strict=True):
+    total_rows = len(problems) * rows_per
+    for (layers, raw, count), wl, res in zip(problems, ws, results, strict=True):
+        h = normalize(raw.to(device), count)
         parts = _split(res, [x.shape[0] for x in wl])
         trace = float(h.diagonal().sum())
         for n, wi, qi in zip(layers, wl, parts, strict=True):
@@ -149,7 +158,9 @@ def solve_batch(
 
 
 def _batches(items: list[Any], per_item_bytes: int, budget: int) -> list[list[Any]]:
-    n = max(1, budget // max(per_item_bytes, 1))
+    """As few batches as fit the budget, of near-equal sizes."""
+    most = max(1, budget // max(per_item_bytes, 1))
+    n = math.ceil(len(items) / math.ceil(len(items) / most)) if items else 1
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
@@ -188,7 +199,7 @@ def solve_cached(
         shapes[(spec, out_rows, cols)].append(names)
     jobs = []
     for (spec, r, c), probs in shapes.items():
-        per = 4 * (6 * r * c + 5 * c * c)  # W and its copies, codes; H, its copies, U
+        per = 4 * (3 * r * c + 3 * c * c)  # W, its result, codes; raw and scratch H
         jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
     for spec, chunk in jobs:
         problems = []

@@ -111,5 +111,6 @@ def test_inverse_cholesky_factor():
     u, lam, retries, failed = damped_inverse_cholesky(h[None], 0.01)
     hd = h.double() + 0.01 * h.diagonal().double().mean() * torch.eye(64, dtype=torch.float64)
     want = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
-    assert torch.allclose(u[0].double(), want, rtol=1e-4, atol=1e-6)
+    # float32 factorisation: the factor agrees with the float64 one to float32 accuracy
+    assert float((u[0].double() - want).norm() / want.norm()) < 1e-5
     assert torch.equal(u[0], torch.triu(u[0])) and not failed[0] and retries[0] == 0

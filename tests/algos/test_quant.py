@@ -72,3 +72,31 @@ def test_mse_search_vectorized_equals_loop(monkeypatch):
     monkeypatch.setattr(q, "_VECTOR_LIMIT", 0)
     b = q.fit_qparams(w, spec)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_mse_search_equals_brute_force():
+    """Each row's grid is the widest of the CLIP_STEPS shrunk ranges with the least
+    squared rounding error, checked one row and one candidate at a time."""
+    import sotool.algos.quant as q
+
+    torch.manual_seed(4)
+    w = torch.randn(2, 6, 48) * torch.rand(2, 6, 1)
+    w[0, 0, :5] *= 8  # outliers: a shrunk range wins
+    for sym in (True, False):
+        spec = QuantSpec(3, -1, sym, mse=True)
+        s, z = q.fit_qparams(w, spec)
+        flat, shrunk = w.reshape(-1, 48), 0
+        for r in range(flat.shape[0]):
+            row = flat[r]
+            lo, hi = torch.clamp(row.min(), max=0), torch.clamp(row.max(), min=0)
+            errs = []
+            for k in range(q.CLIP_STEPS):
+                f = 1 - torch.tensor(k, dtype=torch.float32) / (2 * q.CLIP_STEPS)
+                sk, zk = q._grid(lo * f, hi * f, spec)
+                errs.append(float(((q.fake_quantize(row, sk, zk, spec.maxq) - row) ** 2).sum()))
+            k = min(range(len(errs)), key=lambda i: (errs[i], i))
+            f = 1 - torch.tensor(k, dtype=torch.float32) / (2 * q.CLIP_STEPS)
+            sk, zk = q._grid(lo * f, hi * f, spec)
+            assert torch.allclose(s.reshape(-1)[r], sk) and z.reshape(-1)[r] == zk
+            shrunk += k > 0
+        assert shrunk > 0
