@@ -52,35 +52,38 @@ class Pattern:
 
 
 def select_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Which weights to prune (True) in a (R, C) slab by lowest score.
+    """Which weights to prune (True) in a (..., R, C) slab by lowest score (each
+    leading index is a separate slab).
 
     unstructured: exactly round(sparsity·R·C) lowest over the whole slab;
     nm: the N lowest in every M consecutive columns of each row (C divisible by M);
     block: the lowest-scoring groups of `size` consecutive columns (score summed), the
     count rounded to whole groups.
     """
-    r, c = score.shape
+    *lead, r, c = score.shape
+    flat_lead = score.reshape(-1, r, c)
+    b = flat_lead.shape[0]
     if pattern.kind == "unstructured":
         k = int(round(pattern.sparsity * r * c))
-        mask = torch.zeros(r * c, dtype=torch.bool, device=score.device)
+        mask = torch.zeros(b, r * c, dtype=torch.bool, device=score.device)
         if k > 0:
-            mask[torch.topk(score.flatten(), k, largest=False).indices] = True
-        return mask.view(r, c)
+            mask.scatter_(1, torch.topk(flat_lead.reshape(b, -1), k, largest=False).indices, True)
+        return mask.view(*lead, r, c)
     if pattern.kind == "nm":
-        g = score.view(r, c // pattern.m, pattern.m)
+        g = flat_lead.reshape(b, r, c // pattern.m, pattern.m)
         idx = torch.topk(g, pattern.n, dim=-1, largest=False).indices
         mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
-        return mask.view(r, c)
+        return mask.view(*lead, r, c)
     size = pattern.size
     full = c // size * size
-    groups = score[:, :full].reshape(r, -1, size).sum(-1)  # (R, C/size)
-    k = int(round(pattern.sparsity * groups.numel()))
-    gmask = torch.zeros(groups.numel(), dtype=torch.bool, device=score.device)
+    groups = flat_lead[..., :full].reshape(b, -1, size).sum(-1)  # (B, R·C/size)
+    k = int(round(pattern.sparsity * groups.shape[1]))
+    gmask = torch.zeros_like(groups, dtype=torch.bool)
     if k > 0:
-        gmask[torch.topk(groups.flatten(), k, largest=False).indices] = True
-    mask = torch.zeros(r, c, dtype=torch.bool, device=score.device)
-    mask[:, :full] = gmask.view(r, -1).repeat_interleave(size, dim=1)
-    return mask
+        gmask.scatter_(1, torch.topk(groups, k, largest=False).indices, True)
+    mask = torch.zeros(b, r, c, dtype=torch.bool, device=score.device)
+    mask[..., :full] = gmask.view(b, r, -1).repeat_interleave(size, dim=-1)
+    return mask.view(*lead, r, c)
 
 
 def _slabs(cols: int, pattern: Pattern, block_size: int) -> int:
@@ -118,49 +121,77 @@ class PruneResult:
 def sparsegpt(
     w: torch.Tensor, h: torch.Tensor, pattern: Pattern, *, block_size: int = 128, damp: float = 0.01
 ) -> PruneResult:
-    """Prune one layer with SparseGPT.
+    """Prune one layer with SparseGPT: w (R, C), h (C, C); see `sparsegpt_batch`."""
+    return sparsegpt_batch(w[None], h[None], pattern, block_size=block_size, damp=damp)[0]
+
+
+def sparsegpt_batch(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    pattern: Pattern,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    consume: bool = False,
+) -> list[PruneResult]:
+    """Prune B independent layers of one shape with SparseGPT.
 
     Args:
-        w: (R, C) weight.
-        h: (C, C) layer Hessian XXᵀ/n, undamped.
-        pattern: what to remove (see Pattern).
+        w: (B, R, C) weights.
+        h: (B, C, C) layer Hessians XXᵀ/n, undamped.
+        pattern: what to remove (see Pattern); masks are chosen per layer.
         block_size: columns per mask-selection block (rounded to the pattern's unit).
-        damp: relative damping λ, raised ×10 when Cholesky fails.
+        damp: relative damping λ, raised ×10 (per layer) when Cholesky fails.
+        consume: w and h (float32) may be overwritten instead of copied.
+
+    Returns:
+        One PruneResult per layer.
     """
-    W = w.detach().float().clone()
-    H = h.detach().float().clone()
-    rows, cols = W.shape
+    W = w.detach().to(torch.float32)
+    H = h.detach().to(torch.float32)
+    if not consume and W.data_ptr() == w.data_ptr():
+        W = W.clone()
+    if not consume and H.data_ptr() == h.data_ptr():
+        H = H.clone()
+    nb, rows, cols = W.shape
     if pattern.kind == "nm" and cols % pattern.m:
         raise ValueError(f"{cols} columns are not divisible by M={pattern.m}")
-    diag = torch.diagonal(H)
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = 1.0
-    W[:, dead] = 0.0
-    U, lam, retries, failed = damped_inverse_cholesky(H[None], damp)
-    U = U[0]
+    W.masked_fill_(dead[:, None, :], 0.0)
+    U, lam, retries, failed = damped_inverse_cholesky(H, damp, overwrite=True)
+    del H
     bs = _slabs(cols, pattern, block_size)
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    mask = torch.zeros(nb, rows, cols, dtype=torch.bool, device=W.device)
+    # each block transposed, (B, columns, rows): the current column and the rank-one
+    # updates after it are contiguous (as in gptq_batch)
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d2 = torch.diagonal(U1).pow(2)[None, :]
+        W1 = W[..., i1:i2].transpose(1, 2).contiguous()  # (B, bs, R)
+        Err1 = torch.empty_like(W1)
+        U1 = U[:, i1:i2, i1:i2]
+        udiag = torch.diagonal(U1, dim1=-2, dim2=-1)  # (B, bs)
+        d2 = udiag.pow(2)[:, None, :]  # (B, 1, bs)
         if pattern.kind != "nm":
-            mask[:, i1:i2] = select_mask(W1.pow(2) / d2, pattern)
+            mask[..., i1:i2] = select_mask(W1.transpose(1, 2).pow(2) / d2, pattern)
+        M1 = mask[..., i1:i2].transpose(1, 2).contiguous()  # (B, bs, R)
         for i in range(i2 - i1):
             if pattern.kind == "nm" and i % pattern.m == 0:
                 sl = slice(i, i + pattern.m)
-                mask[:, i1 + i : i1 + i + pattern.m] = select_mask(
-                    W1[:, sl].pow(2) / d2[:, sl], pattern
-                )
-            wc = W1[:, i]
-            q = torch.where(mask[:, i1 + i], torch.zeros_like(wc), wc)
-            err = (wc - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                got = select_mask(W1[:, sl].transpose(1, 2).pow(2) / d2[..., sl], pattern)
+                mask[..., i1 + i : i1 + i + pattern.m] = got
+                M1[:, sl] = got.transpose(1, 2)
+            wc = W1[:, i]  # (B, R)
+            q = wc.masked_fill(M1[:, i], 0.0)
+            err = (wc - q) / udiag[:, i : i + 1]
+            W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]
             W1[:, i] = q
             Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    W[mask] = 0.0
-    return PruneResult(W, mask, float(lam[0]), int(retries[0]), bool(failed[0]))
+        W[..., i1:i2] = W1.transpose(1, 2)
+        W[..., i2:] -= Err1.transpose(1, 2) @ U[:, i1:i2, i2:]
+    W.masked_fill_(mask, 0.0)
+    return [
+        PruneResult(W[b], mask[b], float(lam[b]), int(retries[b]), bool(failed[b]))
+        for b in range(nb)
+    ]

@@ -24,8 +24,11 @@ sparsity one global threshold selects, at the same total.
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -43,8 +46,9 @@ from sotool.algos.obs import (
     obert_prune,
     obert_saliency,
 )
-from sotool.algos.prune import Pattern, magnitude_prune, sparsegpt
+from sotool.algos.prune import Pattern, PruneResult, magnitude_prune, sparsegpt, sparsegpt_batch
 from sotool.errors import SotoolError
+from sotool.memory import release
 from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.recipe import Strict
 from sotool.registry import register_stage
@@ -91,6 +95,11 @@ class PruneParams(Strict):
     )
     fisher_block: int = Field(
         32, gt=0, description="obert: B, weights per block of the block-diagonal Fisher"
+    )
+    batch_bytes: int = Field(
+        256 * 2**20,
+        gt=0,
+        description="sparsegpt from the cache: memory for solving same-shape layers together",
     )
     allocation: Literal["uniform", "global"] = Field(
         "uniform",
@@ -174,6 +183,43 @@ def global_patterns(
     return {n: Pattern.parse(params.pattern, alloc[n]) for n in scores}
 
 
+def sparsegpt_cached(
+    layers: dict[str, torch.nn.Module],
+    patterns: dict[str, Pattern | None],
+    hs: HessianStore,
+    params: PruneParams,
+    device: torch.device | str,
+) -> Iterator[tuple[str, torch.Tensor, tuple[PruneResult, float]]]:
+    """SparseGPT from the Hessian cache, layers of one shape and pattern solved together
+    across blocks: yields (name, H, (result, seconds)) per layer."""
+    groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for n, pat in patterns.items():
+        if pat is not None:
+            groups[(tuple(weight_matrix(layers[n]).shape), pat)].append(n)
+    for ((r, c), pat), names in groups.items():
+        per = 4 * (3 * r * c + 3 * c * c)  # W, result, mask; H and its inverse factor
+        most = max(1, params.batch_bytes // per)
+        size = math.ceil(len(names) / math.ceil(len(names) / most))
+        for i in range(0, len(names), size):
+            chunk = names[i : i + size]
+            t0 = time.perf_counter()
+            raw: dict[str, torch.Tensor] = {}
+            for n in chunk:  # layers reading one input share its Hessian
+                key = hs.input_key(n)
+                if key not in raw:
+                    raw[key] = normalize(*hs.get(n)).to(device)
+            w = torch.stack([weight_matrix(layers[n]).detach().float().to(device) for n in chunk])
+            h = torch.stack([raw[hs.input_key(n)] for n in chunk])
+            results = sparsegpt_batch(
+                w, h, pat, block_size=params.block_size, damp=params.damp, consume=True
+            )
+            share = (time.perf_counter() - t0) / len(chunk)
+            for n, res in zip(chunk, results, strict=True):
+                yield n, raw[hs.input_key(n)], (res, share)
+            del w, h, results, raw
+            release(collect=False)
+
+
 def prune_layer(
     name: str,
     mod: torch.nn.Module,
@@ -182,8 +228,10 @@ def prune_layer(
     h: torch.Tensor | None,
     grads: torch.Tensor | None,
     device: torch.device,
+    solved: tuple[PruneResult, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(new weight (R, C), mask (R, C), report row) for one layer."""
+    """(new weight (R, C), mask (R, C), report row) for one layer; `solved` is a
+    SparseGPT result already computed with other layers (and its share of the time)."""
     t0 = time.perf_counter()
     w = weight_matrix(mod).detach().float()
     mag_mask = magnitude_prune(w, pat)
@@ -197,7 +245,11 @@ def prune_layer(
     lam = None
     if params.method == "sparsegpt":
         assert h is not None
-        res = sparsegpt(w.to(device), h, pat, block_size=params.block_size, damp=params.damp)
+        if solved is None:
+            res = sparsegpt(w.to(device), h, pat, block_size=params.block_size, damp=params.damp)
+        else:
+            res, spent = solved
+            t0 -= spent
         w_new, mask = res.weight.cpu(), res.mask.cpu()
         row.update(damp=res.damp, retries=res.retries)
     elif params.method == "obert":
@@ -254,11 +306,13 @@ def run(ctx: Any, params: PruneParams) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     masks: dict[str, torch.Tensor] = {}
 
-    def commit(name: str, h: torch.Tensor | None) -> None:
+    def commit(
+        name: str, h: torch.Tensor | None, solved: tuple[PruneResult, float] | None = None
+    ) -> None:
         mod, pat = layers[name], patterns[name]
         assert pat is not None
         grads = fs.get(name) if fs is not None else None
-        w_new, mask, row = prune_layer(name, mod, pat, params, h, grads, ctx.device)
+        w_new, mask, row = prune_layer(name, mod, pat, params, h, grads, ctx.device, solved)
         rows.append(row)
         masks[name] = mask.to(torch.uint8).contiguous()
         ctx.set_weights({f"{name}.weight": param_layout(mod, w_new.to(mod.weight.dtype))})
@@ -281,6 +335,12 @@ def run(ctx: Any, params: PruneParams) -> dict[str, Any]:
                 solve=solve,
                 on_block=lambda _done, _total: bar.advance(),
             )
+    elif params.method == "sparsegpt":
+        assert hs is not None
+        with ctx.progress("prune (sparsegpt, cached Hessians)", len(layers)) as bar:
+            for name, h, solved in sparsegpt_cached(layers, patterns, hs, params, ctx.device):
+                commit(name, h, solved)
+                bar.advance()
     else:
         with ctx.progress(f"prune ({params.method})", len(layers)) as bar:
             for name in layers:
