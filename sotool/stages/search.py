@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -38,7 +38,7 @@ from sotool.algos.quant import QuantResult, QuantSpec
 from sotool.algos.search import allocate, pareto_frontier
 from sotool.errors import SotoolError
 from sotool.evaluation import perplexity
-from sotool.models.blocks import weight_matrix
+from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.recipe import Strict
 from sotool.registry import register_stage
 from sotool.rundir import read_json, write_json
@@ -78,6 +78,13 @@ class SearchParams(Strict):
         8, gt=0, description="max_degradation: the last N calibration windows measure perplexity"
     )
     max_evals: int = Field(8, gt=0, description="max_degradation: perplexity measurements budget")
+    interlayer: Literal["off", "block"] = Field(
+        "off",
+        description="block: correct the per-layer costs with measured joint effects: each "
+        "block's layers are quantized together at the cheapest candidate, the measured "
+        "loss increase (last eval_samples windows) over the sum of their predicted costs "
+        "rescales that block's costs before the search (one measurement per block)",
+    )
 
 
 def _problem(
@@ -147,58 +154,101 @@ def candidate_weights(
     return out
 
 
+class Swapper:
+    """Measures the model with chosen layers swapped to candidate weights (each
+    candidate's weights computed once), on the last `eval_samples` calibration windows;
+    `restore()` puts the original weights back."""
+
+    def __init__(
+        self, ctx: Any, params: SearchParams, sens: dict[str, Any], names: list[str], cands: list
+    ) -> None:
+        self.ctx, self.names, self.cands = ctx, names, cands
+        self.model = ctx.model()
+        self.mods = {n: m for n, m in target_layers(self.model).items() if n in set(names)}
+        self.windows = ctx.calibration_tokens()[-params.eval_samples :]
+        self.quant = candidate_weights(ctx, self.mods, cands, sens)
+        self.original = {n: weight_matrix(m).detach().clone() for n, m in self.mods.items()}
+
+    def measure(self, choice: dict[str, int]) -> dict[str, float]:
+        """Perplexity and mean NLL with layer -> candidate index `choice` (others original)."""
+        with torch.no_grad():
+            for n, m in self.mods.items():
+                j = choice.get(n)
+                w = self.original[n] if j is None else self.quant[self.cands[j]["label"]][n]
+                m.weight.copy_(param_layout(m, w))
+        return perplexity(self.model, self.windows, device=self.ctx.device)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, m in self.mods.items():
+                m.weight.copy_(param_layout(m, self.original[n]))
+        self.model.to("cpu")
+
+
+def interlayer_scales(
+    swap: Swapper, names: list[str], costs: list[list[float]], sizes: list[list[int]]
+) -> dict[str, dict[str, float]]:
+    """Per block: the measured NLL increase with all its layers at their cheapest
+    candidate, the sum of those layers' predicted costs, and the scale
+    measured/predicted (normalised to mean 1 over blocks) that corrects them."""
+    path, blocks = find_blocks(swap.model)
+    of_block: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        rest = n[len(path) + 1 :] if n.startswith(path + ".") else ""
+        b = rest.split(".")[0]
+        if b.isdigit():
+            of_block.setdefault(b, []).append(i)
+    base = swap.measure({})["nll"]
+    out: dict[str, dict[str, float]] = {}
+    for b, idx in of_block.items():
+        cheap = {i: min(range(len(sizes[i])), key=lambda j, i=i: sizes[i][j]) for i in idx}
+        measured = swap.measure({names[i]: j for i, j in cheap.items()})["nll"] - base
+        predicted = sum(costs[i][j] for i, j in cheap.items())
+        out[b] = {"measured_dnll": measured, "predicted": predicted}
+        swap.ctx.console.print(
+            f"  inter-layer: block {b} at its cheapest grids: ΔNLL {measured:.4g} "
+            f"(predicted cost {predicted:.4g})"
+        )
+    ratios = {
+        b: max(e["measured_dnll"], 0.0) / e["predicted"] if e["predicted"] > 0 else 0.0
+        for b, e in out.items()
+    }
+    mean = sum(ratios.values()) / max(len(ratios), 1)
+    for b, e in out.items():
+        e["scale"] = ratios[b] / mean if mean > 0 else 1.0
+    return out
+
+
 def bisect_measured(
-    ctx: Any,
+    swap: Swapper,
     params: SearchParams,
-    sens: dict[str, Any],
     names: list[str],
-    cands: list[dict[str, Any]],
     front: list[tuple[int, float, list[int]]],
 ) -> tuple[tuple[int, float, list[int]], list[dict[str, Any]]]:
     """The smallest frontier point whose measured perplexity is within the bound, by
     bisection over the (size-sorted) frontier; measured on the last calibration windows.
     Falls back to the largest point when none is measured within the bound."""
-    model = ctx.model()
-    mods = {n: m for n, m in target_layers(model).items() if n in set(names)}
-    windows = ctx.calibration_tokens()[-params.eval_samples :]
-    quant = candidate_weights(ctx, mods, cands, sens)
-    original = {n: weight_matrix(m).detach().clone() for n, m in mods.items()}
+    assert params.max_degradation is not None
     steps: list[dict[str, Any]] = []
-
-    def measure(choice: list[int]) -> float:
-        with torch.no_grad():
-            for n, j in zip(names, choice, strict=True):
-                mods[n].weight.copy_(param_layout(mods[n], quant[cands[j]["label"]][n]))
-        return perplexity(model, windows, device=ctx.device)["ppl"]
-
-    try:
-        with torch.no_grad():
-            for n in names:
-                mods[n].weight.copy_(param_layout(mods[n], original[n]))
-        base = perplexity(model, windows, device=ctx.device)["ppl"]
-        bound = base * (1 + params.max_degradation)
-        lo, hi = 0, len(front) - 1  # invariant: every point below lo failed
-        best = None
-        while lo <= hi and len(steps) < params.max_evals:
-            mid = (lo + hi) // 2
-            ppl = measure(front[mid][2])
-            ok = ppl <= bound
-            steps.append({"size": front[mid][0], "cost": front[mid][1], "ppl": ppl, "ok": ok})
-            ctx.console.print(
-                f"  bisection: size {front[mid][0]} → ppl {ppl:.3f} "
-                f"({'within' if ok else 'over'} {bound:.3f})"
-            )
-            if ok:
-                best, hi = mid, mid - 1
-            else:
-                lo = mid + 1
-    finally:
-        with torch.no_grad():
-            for n in names:
-                mods[n].weight.copy_(param_layout(mods[n], original[n]))
-        model.to("cpu")
+    base = swap.measure({})["ppl"]
+    bound = base * (1 + params.max_degradation)
+    lo, hi = 0, len(front) - 1  # invariant: every point below lo failed
+    best = None
+    while lo <= hi and len(steps) < params.max_evals:
+        mid = (lo + hi) // 2
+        ppl = swap.measure(dict(zip(names, front[mid][2], strict=True)))["ppl"]
+        ok = ppl <= bound
+        steps.append({"size": front[mid][0], "cost": front[mid][1], "ppl": ppl, "ok": ok})
+        swap.ctx.console.print(
+            f"  bisection: size {front[mid][0]} → ppl {ppl:.3f} "
+            f"({'within' if ok else 'over'} {bound:.3f})"
+        )
+        if ok:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
     if best is None:
-        ctx.console.print(
+        swap.ctx.console.print(
             "  [yellow]no measured allocation met max_degradation: using the "
             "largest within the budget[/]"
         )
@@ -218,11 +268,33 @@ def run(ctx: Any, params: SearchParams) -> dict[str, Any]:
     budget = _budget(params, sens)
     weights = [int(e["params"]) for e in sens["layers"].values()]
     total_w = sum(weights)
+    swap = None
+    scales = None
     try:
-        best = allocate(costs, sizes, budget)
-        front = pareto_frontier(costs, sizes)
-    except ValueError as e:
-        raise SotoolError(f"search.budget: {e}; raise the budget or add cheaper candidates") from e
+        if params.interlayer == "block" or params.max_degradation is not None:
+            swap = Swapper(ctx, params, sens, names, cands)
+        if params.interlayer == "block":
+            assert swap is not None
+            scales = interlayer_scales(swap, names, costs, sizes)
+            block_of = {n: n[len(find_blocks(swap.model)[0]) + 1 :].split(".")[0] for n in names}
+            costs = [
+                [c * scales[block_of[n]]["scale"] if block_of[n] in scales else c for c in row]
+                for n, row in zip(names, costs, strict=True)
+            ]
+        try:
+            best = allocate(costs, sizes, budget)
+            front = pareto_frontier(costs, sizes)
+        except ValueError as e:
+            raise SotoolError(
+                f"search.budget: {e}; raise the budget or add cheaper candidates"
+            ) from e
+        pick, steps = None, None
+        if params.max_degradation is not None:
+            assert swap is not None
+            pick, steps = bisect_measured(swap, params, names, [f for f in front if f[0] <= budget])
+    finally:
+        if swap is not None:
+            swap.restore()
 
     def describe(choice: list[int]) -> dict[str, Any]:
         b = sum(nbytes[i][j] for i, j in enumerate(choice))
@@ -250,9 +322,9 @@ def run(ctx: Any, params: SearchParams) -> dict[str, Any]:
         "counts": d["counts"],
         "layers": layers,
     }
-    if params.max_degradation is not None:
-        within = [f for f in front if f[0] <= budget]
-        pick, steps = bisect_measured(ctx, params, sens, names, cands, within)
+    if scales is not None:
+        alloc["interlayer"] = scales
+    if pick is not None:
         layers = {
             n: {**layers[n], **_choice(cands[j]), "cost": costs[i][j], "bytes": nbytes[i][j]}
             for i, (n, j) in enumerate(zip(names, pick[2], strict=True))

@@ -119,3 +119,27 @@ def test_max_degradation_bisects_the_frontier(tiny_models, write_recipe, tmp_pat
         assert (s["size"] >= chosen) == s["ok"] or not any(x["ok"] for x in steps)
     meta = read_json(_stage(tmp_path / "run", "gptq") / "quant.json")
     assert all(meta[n]["bits"] == c["bits"] for n, c in alloc["layers"].items())
+
+
+def test_interlayer_block_correction_rescales_costs(tiny_models, write_recipe, tmp_path):
+    """interlayer: block measures each block at its cheapest grids; the block's costs
+    are rescaled by measured/predicted (mean 1) and the search runs on them."""
+    recipe = write_recipe(
+        RECIPE.format(model=tiny_models["llama"], metric="layerwise", budget="{avg_bits: 3.0}")
+    )
+    sets = ["--set", "search.interlayer=block", "--set", "sensitivity.metrics=[layerwise]"]
+    compress(recipe, tmp_path / "run", *sets)
+    alloc = read_json(_stage(tmp_path / "run", "search") / "allocation.json")
+    sens = read_json(_stage(tmp_path / "run", "sensitivity") / "sensitivity.json")["layers"]
+    blocks = alloc["interlayer"]
+    assert len(blocks) == 2  # the tiny Llama's two blocks
+    assert sum(b["scale"] for b in blocks.values()) / len(blocks) == pytest.approx(1.0)
+    for b in blocks.values():
+        assert b["measured_dnll"] != 0 and b["predicted"] > 0
+    for n, c in alloc["layers"].items():
+        scale = blocks[n.split("layers.")[1].split(".")[0]]["scale"]
+        raw = sens[n]["cost"]["layerwise"][c["label"]]
+        assert c["cost"] == pytest.approx(raw * scale)
+    for b, e in blocks.items():  # predicted: the block's layers at w2g32, the cheapest grid
+        want = sum(v["cost"]["layerwise"]["w2g32"] for n, v in sens.items() if f"layers.{b}." in n)
+        assert e["predicted"] == pytest.approx(want, rel=1e-6)
