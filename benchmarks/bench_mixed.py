@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/mixed-runs", help="folder for run directories")
     ap.add_argument("--metrics", default="layerwise,trace,fisher", help="searched metrics")
     ap.add_argument("--random", type=int, default=5, help="random allocations")
-    ap.add_argument("--damage-layers", type=int, default=15, help="layers to measure (0: none)")
+    ap.add_argument("--damage-layers", type=int, default=30, help="layers to measure (0: none)")
     ap.add_argument("--damage-windows", type=int, default=8, help="512-token windows per layer")
     ap.add_argument("--skip-pipeline", action="store_true", help="a pipeline run is under way")
     ap.add_argument("--eval-windows", type=int, default=40, help="last N 512-token windows")
@@ -247,9 +247,10 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         base = bench.ppl({}, win)["nll"]
-        step = max(1, len(names) // args.damage_layers)
+        # a seeded sample across blocks and layer kinds (a fixed stride would hit one kind)
+        picked = sorted(random.Random(0).sample(names, min(args.damage_layers, len(names))))
         delta = {}
-        for n in names[::step][: args.damage_layers]:
+        for n in picked:
             delta[n] = bench.ppl({n: "w3g64"}, win)["nll"] - base
             log(f"damage {n}: {delta[n]:.5f}")
         results["damage"] = {
@@ -280,7 +281,8 @@ def main() -> None:
     print(f"{'W3/W4 midpoint':<22}{mid:>10.3f}")
     if rand:
         print(f"random: best {min(rand):.3f}, worst {max(rand):.3f}")
-    print("metric seconds:", {m: i.get("seconds") for m, i in sens["info"].items()})
+    info = sens["info"].items()
+    print("metric seconds:", {m: i.get("seconds") for m, i in info if isinstance(i, dict)})
     if "spearman" in results:
         print("Spearman(predicted w3g64 cost, measured ΔNLL):", results["spearman"])
 
