@@ -6,17 +6,31 @@ import ctypes
 import ctypes.util
 import gc
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+DYNAMIC_MAX = 32 * 2**20  # glibc's largest automatic mmap threshold on 64-bit
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def release(collect: bool = True) -> None:
     """Collect garbage and, on glibc, trim the malloc arenas (malloc_trim(0))."""
     if collect:
         gc.collect()
-    if sys.platform.startswith("linux"):
+    libc = _libc()
+    if libc is not None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             libc.malloc_trim(0)
-        except (OSError, AttributeError):
+        except AttributeError:
             pass
 
 
@@ -29,3 +43,28 @@ def freeze_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+@contextmanager
+def mapped_large_buffers(threshold: int = 2**20) -> Iterator[None]:
+    """While active, glibc serves every allocation of `threshold` bytes or more with its
+    own mmap, returned to the system the moment it is freed.
+
+    By default glibc raises that threshold to the largest block freed so far (up to 32
+    MiB), so activation-sized tensors come from the heap and the heap stays as large as
+    their busiest moment. The sequential loops, which keep every calibration batch's
+    activations of one block alive at once, trade about 10% of their time in page
+    faults for a peak about 0.3 GiB lower on SmolLM2-135M.
+    """
+    libc = _libc()
+    ok = False
+    if libc is not None:
+        try:
+            ok = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        except AttributeError:
+            ok = False
+    try:
+        yield
+    finally:
+        if ok and libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-SHARD_BYTES = 64 * 2**20
+SHARD_BYTES = 16 * 2**20  # a shard and its serialised copy are in memory while written
 
 
 def save_shards(

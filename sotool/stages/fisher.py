@@ -153,7 +153,7 @@ def run(ctx: Any, params: FisherParams) -> dict[str, Any]:
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
     storage = getattr(torch, params.dtype)
-    writer = ShardWriter(ctx.out_dir, GRADS)
+    writer = ShardWriter(ctx.out_dir, GRADS, shard_bytes=64 * 2**20)
     model.to(ctx.device)
     t0 = time.perf_counter()
     losses = []

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sotool.algos.hessian import HessianSum
-from sotool.memory import release
+from sotool.memory import mapped_large_buffers, release
 from sotool.models.blocks import BlockRunner, find_blocks, iterate_blocks
 from sotool.recipe import Strict
 from sotool.registry import register_stage
@@ -102,6 +102,22 @@ def sequential_groups(
     block costs one forward pass (BlockRunner.forward_in_stages); without it, one pass
     for the Hessians and one for the outputs.
     """
+    with mapped_large_buffers():
+        _sequential_groups(
+            model, tokens, device, batch_size, wanted, solve, true_sequential, on_block
+        )
+
+
+def _sequential_groups(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    wanted: Callable[[str], bool],
+    solve: GroupSolver,
+    true_sequential: bool,
+    on_block: Callable[[int, int], None] | None,
+) -> None:
     relative: list[list[str]] | None = None  # block 0's groups without the block prefix
     for runner in iterate_blocks(
         model, tokens, device=device, batch_size=batch_size, on_block=on_block
