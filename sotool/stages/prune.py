@@ -89,9 +89,10 @@ class PruneParams(Strict):
         0.01, gt=0, description="relative damping λ·mean(diag) of the Hessian or the Fisher"
     )
     hessians: Literal["cache", "sequential"] = Field(
-        "cache",
-        description="sparsegpt: Hessians from the `hessians` stage, or re-collected block by "
-        "block on the already pruned model (as the gptq stage's option)",
+        "sequential",
+        description="sparsegpt: re-collected block by block on the already pruned model "
+        "(the gptq stage's default; best perplexity), or from a `hessians` stage (cache: "
+        "half the time, for sweeps)",
     )
     fisher_block: int = Field(
         32, gt=0, description="obert: B, weights per block of the block-diagonal Fisher"

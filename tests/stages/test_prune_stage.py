@@ -143,16 +143,24 @@ def test_obert_global_allocation_on_llama(tiny_models, write_recipe, tmp_path):
     assert mag["stages"][2]["summary"]["ratio"] == 1.0
 
 
-def test_sparsegpt_sequential(tiny_models, write_recipe, tmp_path):
+def test_sparsegpt_from_the_cache(tiny_models, write_recipe, tmp_path):
+    """The default re-collects Hessians block by block; `hessians: cache` solves every
+    layer from the hessians stage, same-shape layers together."""
     recipe = write_recipe(
         RECIPE.format(
             model=tiny_models["llama"], method="sparsegpt", pattern="2:4", extra=""
-        ).replace('2:4"}', '2:4", hessians: sequential}'),
-        "seq.yaml",
+        ).replace('2:4"}', '2:4", hessians: cache}'),
+        "cache.yaml",
     )
-    seq = compress(recipe, tmp_path / "seq")
-    s = seq["stages"][2]["summary"]
+    cached = compress(recipe, tmp_path / "cache")
+    s = cached["stages"][2]["summary"]
     assert abs(s["sparsity"] - 0.5) < 1e-6 and s["ratio"] < 1.0 and s["objective"] == "hessian"
+    seq = compress(
+        recipe.parent / "cache.yaml", tmp_path / "seq", "--set", "prune.hessians=sequential"
+    )
+    q = seq["stages"][2]["summary"]
+    assert abs(q["sparsity"] - 0.5) < 1e-6 and q["ratio"] < 1.0
+    assert q["obs_loss"] != s["obs_loss"]  # different Hessians after the first block
 
 
 def test_invalid_combinations(tiny_models, write_recipe, tmp_path):
