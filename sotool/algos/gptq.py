@@ -110,6 +110,20 @@ def _inverse_factor(h: torch.Tensor, shift: float, dtype: torch.dtype) -> torch.
     return u.to(torch.float32)
 
 
+def working_copies(
+    w: torch.Tensor, h: torch.Tensor, consume: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 W and H a column sweep may overwrite: the inputs themselves when the
+    caller hands them over (`consume`), else copies."""
+    W = w.detach().to(torch.float32)
+    H = h.detach().to(torch.float32)
+    if not consume and W.data_ptr() == w.data_ptr():
+        W = W.clone()
+    if not consume and H.data_ptr() == h.data_ptr():
+        H = H.clone()
+    return W, H
+
+
 def _take_cols(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, R, C) with columns reordered per batch by idx (B, C)."""
     return x.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
@@ -147,12 +161,7 @@ def gptq_batch(
     Returns:
         One GPTQResult per layer.
     """
-    W = w.detach().to(torch.float32)
-    H = h.detach().to(torch.float32)
-    if not consume and W.data_ptr() == w.data_ptr():
-        W = W.clone()
-    if not consume and H.data_ptr() == h.data_ptr():
-        H = H.clone()
+    W, H = working_copies(w, h, consume)
     B, rows, cols = W.shape
     dev = W.device
     if keep is not None:

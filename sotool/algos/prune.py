@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sotool.algos.gptq import damped_inverse_cholesky
+from sotool.algos.gptq import damped_inverse_cholesky, working_copies
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,7 @@ def sparsegpt_batch(
     Returns:
         One PruneResult per layer.
     """
-    W = w.detach().to(torch.float32)
-    H = h.detach().to(torch.float32)
-    if not consume and W.data_ptr() == w.data_ptr():
-        W = W.clone()
-    if not consume and H.data_ptr() == h.data_ptr():
-        H = H.clone()
+    W, H = working_copies(w, h, consume)
     nb, rows, cols = W.shape
     if pattern.kind == "nm" and cols % pattern.m:
         raise ValueError(f"{cols} columns are not divisible by M={pattern.m}")

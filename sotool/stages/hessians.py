@@ -82,6 +82,7 @@ def collect(
 GroupSolver = Callable[[BlockRunner, list[str], SharedInputAccumulator], None]
 
 
+@mapped_large_buffers()
 def sequential_groups(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -100,24 +101,9 @@ def sequential_groups(
     `solve(runner, group, accumulator)` once the group's Σxxᵀ is complete; the weights it
     sets feed the next group's inputs and the next block's. With `true_sequential` each
     block costs one forward pass (BlockRunner.forward_in_stages); without it, one pass
-    for the Hessians and one for the outputs.
+    for the Hessians and one for the outputs. Large buffers are mapped directly while
+    it runs (see `mapped_large_buffers`).
     """
-    with mapped_large_buffers():
-        _sequential_groups(
-            model, tokens, device, batch_size, wanted, solve, true_sequential, on_block
-        )
-
-
-def _sequential_groups(
-    model: torch.nn.Module,
-    tokens: torch.Tensor,
-    device: torch.device,
-    batch_size: int,
-    wanted: Callable[[str], bool],
-    solve: GroupSolver,
-    true_sequential: bool,
-    on_block: Callable[[int, int], None] | None,
-) -> None:
     relative: list[list[str]] | None = None  # block 0's groups without the block prefix
     for runner in iterate_blocks(
         model, tokens, device=device, batch_size=batch_size, on_block=on_block

@@ -189,19 +189,28 @@ class Swapper:
         self.model.to("cpu")
 
 
+def block_of(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Layer name -> index (as text) of the transformer block holding it."""
+    path = find_blocks(model)[0] + "."
+    out = {}
+    for n in names:
+        b = n[len(path) :].split(".")[0] if n.startswith(path) else ""
+        if b.isdigit():
+            out[n] = b
+    return out
+
+
 def interlayer_scales(
     swap: Swapper, names: list[str], costs: list[list[float]], sizes: list[list[int]]
 ) -> dict[str, dict[str, float]]:
     """Per block: the measured NLL increase with all its layers at their cheapest
     candidate, the sum of those layers' predicted costs, and the scale
     measured/predicted (normalised to mean 1 over blocks) that corrects them."""
-    path, blocks = find_blocks(swap.model)
     of_block: dict[str, list[int]] = {}
+    blocks = block_of(swap.model, names)
     for i, n in enumerate(names):
-        rest = n[len(path) + 1 :] if n.startswith(path + ".") else ""
-        b = rest.split(".")[0]
-        if b.isdigit():
-            of_block.setdefault(b, []).append(i)
+        if n in blocks:
+            of_block.setdefault(blocks[n], []).append(i)
     base = swap.measure({})["nll"]
     out: dict[str, dict[str, float]] = {}
     for b, idx in of_block.items():
@@ -280,9 +289,9 @@ def run(ctx: Any, params: SearchParams) -> dict[str, Any]:
         if params.interlayer == "block":
             assert swap is not None
             scales = interlayer_scales(swap, names, costs, sizes)
-            block_of = {n: n[len(find_blocks(swap.model)[0]) + 1 :].split(".")[0] for n in names}
+            blocks = block_of(swap.model, names)
             costs = [
-                [c * scales[block_of[n]]["scale"] if block_of[n] in scales else c for c in row]
+                [c * scales[blocks[n]]["scale"] for c in row] if n in blocks else row
                 for n, row in zip(names, costs, strict=True)
             ]
         try:
