@@ -24,9 +24,9 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from sotool.algos.gptq import GPTQResult, gptq_batch, layer_error
+from sotool.algos.gptq import GPTQResult, gptq_refit_batch, layer_error
 from sotool.algos.hessian import normalize
 from sotool.algos.quant import QuantResult, QuantSpec, rtn
 from sotool.memory import release
@@ -49,6 +49,18 @@ class GPTQParams(QuantParams):
         description="grid range: plain min/max, the MSE-best shrunk range, or auto: mse for "
         "groups, minmax per channel (where a clipped row costs more than GPTQ recovers)",
     )
+    refit: int = Field(
+        1,
+        ge=0,
+        description="sweeps followed by a least-squares refit of each row's scales to its "
+        "codes, each sweep on the best grids so far; 0 = plain GPTQ",
+    )
+    shrink: list[float] | None = Field(
+        None,
+        description="scale factors the first sweep tries for every row (each row keeps "
+        "the one that ends lowest in the layer objective); default: [1, 0.9, 0.8, 0.7] "
+        "per channel, [1] for groups",
+    )
     block_size: int = Field(128, gt=0, description="columns per lazy-update block")
     damp: float = Field(0.01, ge=0, description="relative damping λ (raised ×10 on failure)")
     hessians: Literal["cache", "sequential"] = Field(
@@ -67,6 +79,18 @@ class GPTQParams(QuantParams):
         description="auto: per-layer bits/group size from an upstream `search` stage when "
         "there is one (else `bits`/`group_size`); off: ignore any search",
     )
+
+    @field_validator("shrink")
+    @classmethod
+    def _shrink(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0 < x <= 2 for x in v)):
+            raise ValueError("shrink: give factors in (0, 2], e.g. [1, 0.9, 0.8]")
+        return v
+
+    def shrink_for(self, spec: QuantSpec) -> tuple[float, ...]:
+        if self.shrink is not None:
+            return tuple(self.shrink)
+        return (1.0, 0.9, 0.8, 0.7) if spec.group_size <= 0 else (1.0,)
 
 
 def _split(res: GPTQResult, sizes: list[int]) -> list[QuantResult]:
@@ -110,10 +134,12 @@ def solve_batch(
         mask = torch.stack(
             [torch.cat([keep[n].to(device) for n in layers], dim=0) for layers, _, _ in problems]
         )
-    results = gptq_batch(
+    results = gptq_refit_batch(
         w,
         h,
         spec,
+        rounds=params.refit,
+        shrink=params.shrink_for(spec),
         block_size=params.block_size,
         damp=params.damp,
         act_order=params.act_order,
@@ -130,10 +156,17 @@ def solve_batch(
         h = normalize(raw.to(device), count)
         parts = _split(res, [x.shape[0] for x in wl])
         trace = float(h.diagonal().sum())
+        start = 0
         for n, wi, qi in zip(layers, wl, parts, strict=True):
-            base = rtn(wi * keep[n].to(wi.device) if keep is not None else wi, spec)
-            g_err = layer_error(wi, qi.weight, h)
-            r_err = layer_error(wi, base.weight, h)
+            sl = slice(start, start + wi.shape[0])
+            start += wi.shape[0]
+            if res.row_objective is not None and res.rtn_row_objective is not None:
+                g_err = float(res.row_objective[sl].sum())
+                r_err = float(res.rtn_row_objective[sl].sum())
+            else:
+                base = rtn(wi * keep[n].to(wi.device) if keep is not None else wi, spec)
+                g_err = layer_error(wi, qi.weight, h)
+                r_err = layer_error(wi, base.weight, h)
             out[n] = qi
             rows.append(
                 {
@@ -200,6 +233,8 @@ def solve_cached(
     jobs = []
     for (spec, r, c), probs in shapes.items():
         per = 4 * (3 * r * c + 3 * c * c)  # W, its result, codes; raw and scratch H
+        if params.refit:  # + the originals, W·H and the stacked candidate rows
+            per = 4 * (3 * c * c + r * c * (4 + 2 * len(params.shrink_for(spec))))
         jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
     for spec, chunk in jobs:
         problems = []

@@ -114,3 +114,130 @@ def test_inverse_cholesky_factor():
     # float32 factorisation: the factor agrees with the float64 one to float32 accuracy
     assert float((u[0].double() - want).norm() / want.norm()) < 1e-5
     assert torch.equal(u[0], torch.triu(u[0])) and not failed[0] and retries[0] == 0
+
+
+def _objective_by_lstsq(w, x, codes, zero, g_idx, ng):
+    """Least-squares scales from the activations themselves (not H): for each row,
+    the design matrix has one column per group, D_g X."""
+    n = x.shape[1]
+    d = codes.float() - zero[:, g_idx.long()]
+    out = torch.empty(w.shape[0], ng, dtype=torch.float64)
+    for i in range(w.shape[0]):
+        cols = []
+        for g in range(ng):
+            dg = torch.where(g_idx.long() == g, d[i], torch.zeros_like(d[i]))
+            cols.append((dg.double() @ x.double()) / n**0.5)
+        m = torch.stack(cols, 1)  # n × G
+        y = (w[i].double() @ x.double()) / n**0.5
+        out[i] = torch.linalg.lstsq(m, y[:, None]).solution[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, -1, True), QuantSpec(3, 32, False)], ids=str)
+def test_refit_scales_is_the_least_squares_optimum(spec):
+    from sotool.algos.gptq import refit_scales, row_errors
+    from sotool.algos.quant import dequant_groups
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(12, 96, generator=g)
+    x = (torch.randn(96, 96, generator=g) * 0.4 + torch.eye(96)) @ torch.randn(96, 512, generator=g)
+    h = x @ x.T / 512
+    res = gptq(w, h, spec, act_order=True, static_groups=True)
+    scale, obj_before, obj_after = refit_scales(w, h, res.codes, res.scale, res.zero, res.g_idx)
+    want = _objective_by_lstsq(w, x, res.codes, res.zero, res.g_idx, res.scale.shape[1])
+    assert torch.allclose(scale.double(), want, rtol=1e-3)
+    before = row_errors(w, res.weight, h)
+    after = row_errors(w, dequant_groups(res.codes, scale, res.zero, res.g_idx), h)
+    assert (after <= before + 1e-9).all() and float(after.sum()) < float(before.sum())
+    assert torch.allclose(before, obj_before, rtol=1e-4) and torch.allclose(
+        after, obj_after, rtol=1e-4
+    )
+
+
+def test_refit_keeps_rows_it_cannot_improve():
+    from sotool.algos.gptq import refit_scales
+
+    w, h = correlated_problem(2, rows=8, cols=64)
+    spec = QuantSpec(4, 32, True)
+    res = gptq(w, h, spec)
+    codes = res.codes.clone()
+    codes[0] = res.zero[0, 0].to(torch.uint8)  # row 0 all zero: nothing to fit
+    scale, before, after = refit_scales(w, h, codes, res.scale, res.zero, res.g_idx)
+    assert torch.equal(scale[0], res.scale[0]) and after[0] == before[0]
+    assert (scale > 0).all() and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("spec", SPECS[:4], ids=str)
+def test_refit_rounds_never_worse_per_row_and_better_overall(spec):
+    from sotool.algos.gptq import gptq_refit_batch, row_errors
+
+    ratios = []
+    for seed in range(6):
+        w, h = correlated_problem(seed)
+        errs = []
+        for rounds in (0, 1, 3):
+            r = gptq_refit_batch(
+                w[None], h[None], spec, rounds=rounds, act_order=True, static_groups=True
+            )[0]
+            errs.append(row_errors(w, r.weight, h))
+            # codes, scales and g_idx still describe the weights exactly
+            from sotool.algos.quant import dequant_groups
+
+            assert torch.equal(dequant_groups(r.codes, r.scale, r.zero, r.g_idx), r.weight)
+        assert (errs[1] <= errs[0] + 1e-9).all() and (errs[2] <= errs[1] + 1e-9).all()
+        ratios.append(float(errs[2].sum() / errs[0].sum()))
+    assert max(ratios) < 0.97, ratios
+
+
+def test_refit_with_dynamic_groups_and_pruning_mask():
+    from sotool.algos.gptq import gptq_refit_batch
+
+    w, h = correlated_problem(4)
+    keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    spec = QuantSpec(4, 32, False)
+    plain = gptq(w, h, spec, act_order=True, static_groups=False, keep=keep)
+    r = gptq_refit_batch(
+        w[None], h[None], spec, rounds=3, act_order=True, static_groups=False, keep=keep[None]
+    )[0]
+    assert torch.equal(r.g_idx, plain.g_idx)  # the permuted groups stay as the sweep made them
+    assert (r.weight[~keep] == 0).all()
+    assert layer_error(w, r.weight, h) <= layer_error(w, plain.weight, h)
+
+
+def test_shrink_candidates_pick_each_rows_best():
+    from sotool.algos.gptq import gptq_refit_batch, row_errors
+    from sotool.algos.quant import dequant_groups
+
+    # rows with one large outlier: clipping it is worth it for some rows only
+    w, h = correlated_problem(9)
+    w[::3, 5] *= 8
+    spec = QuantSpec(4, -1, True)
+    kw = dict(act_order=True, static_groups=True)
+    singles = []
+    for f in (1.0, 0.8, 0.6):
+        singles.append(
+            row_errors(
+                w,
+                gptq_refit_batch(w[None], h[None], spec, rounds=1, shrink=(f,), **kw)[0].weight,
+                h,
+            )
+        )
+    both = gptq_refit_batch(w[None], h[None], spec, rounds=1, shrink=(1.0, 0.8, 0.6), **kw)[0]
+    err = row_errors(w, both.weight, h)
+    # the stacked sweep equals the separate sweeps row by row: each row gets its best
+    assert torch.allclose(err, torch.stack(singles).min(0).values, rtol=1e-4)
+    assert torch.equal(dequant_groups(both.codes, both.scale, both.zero, both.g_idx), both.weight)
+    plain = gptq(w, h, spec, **kw)
+    assert (err <= row_errors(w, plain.weight, h) + 1e-9).all()
+    assert float(err.sum()) < 0.9 * float(row_errors(w, plain.weight, h).sum())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, -1, True), QuantSpec(3, 32, False)], ids=str)
+def test_refit_reports_exact_objectives(spec):
+    from sotool.algos.gptq import gptq_refit_batch, row_errors
+
+    w, h = correlated_problem(6)
+    r = gptq_refit_batch(w[None], h[None], spec, rounds=2, act_order=True, static_groups=True)[0]
+    assert torch.allclose(r.row_objective, row_errors(w, r.weight, h), rtol=1e-6)
+    # the RTN baseline is round-to-nearest on the same (unshrunk) grid
+    assert torch.allclose(r.rtn_row_objective, row_errors(w, rtn(w, spec).weight, h), rtol=1e-6)
