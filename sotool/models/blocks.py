@@ -102,7 +102,7 @@ class StopForward(Exception):
 class BlockInputs:
     """What the current block receives: hidden states and call arguments per batch."""
 
-    hidden: list[torch.Tensor | None]  # each (B, T, D); None once the last pass used it
+    hidden: list[torch.Tensor]  # each (B, T, D)
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]
 
@@ -183,9 +183,7 @@ class BlockRunner:
         """Run the block over all batches, calling `hooks[name](name, module, x)` with each
         hooked layer's input x (B, T, in). With `stop_after`, each batch stops once those
         layers have run. With `keep_outputs`, the outputs become the next block's inputs
-        (only valid when the block's weights are final) and this is the block's last
-        pass: each batch's input is released as soon as its output exists, so the
-        block's inputs and outputs are never all alive at once.
+        (only valid when the block's weights are final).
         """
         hooks = hooks or {}
         seen: set[str] = set()
@@ -214,7 +212,6 @@ class BlockRunner:
                         y = self._call(b)
                         if keep_outputs:
                             outs.append(y.detach())
-                            self.inputs.hidden[b] = None
                     except StopForward:
                         if keep_outputs:
                             raise RuntimeError("keep_outputs needs a full forward") from None
@@ -239,9 +236,7 @@ class BlockRunner:
         final weights, become the next block's inputs. This is the true-sequential
         procedure for the cost of a single forward pass. Each batch's forward is a
         greenlet paused inside a layer pre-hook: one OS thread, batches take turns in
-        order (so every sum is deterministic), and only the paused activations stay alive:
-        each batch's input is released once its forward has started (the block's frames
-        keep it while they need it).
+        order (so every sum is deterministic), and only the paused activations stay alive.
         """
         nb = len(self.inputs.hidden)
         group_of = {id(self.layers[n]): k for k, g in enumerate(groups) for n in g}
@@ -272,8 +267,6 @@ class BlockRunner:
                     for b in range(nb):
                         if not lets[b].dead:
                             resume(b)
-                        if k == 0:
-                            self.inputs.hidden[b] = None
                     on_stage(k)
                     done[k] = True
                 for b in range(nb):
