@@ -528,10 +528,15 @@ def gptq_refit_batch(
         )
         cand = _take_cols(cand, torch.argsort(fac.perm, dim=-1))  # column order
         for b in range(B):
-            wk = w[b].float().repeat(k, 1)
-            new_s, before, after = refit_scales(
-                wk, h[b], cand[b], cand_scale[b], cand_zero[b], g_idx, wh[b].repeat(k, 1)
-            )
+            parts = []  # one candidate at a time: the refit's work buffers stay rows × cols
+            for c in range(k):
+                sl = slice(c * rows, (c + 1) * rows)
+                parts.append(
+                    refit_scales(
+                        w[b], h[b], cand[b][sl], cand_scale[b][sl], cand_zero[b][sl], g_idx, wh[b]
+                    )
+                )
+            new_s, before, after = (torch.cat(x) for x in zip(*parts, strict=True))
             if rnd == 0 and 1.0 in factors:  # plain GPTQ's objective is the bar
                 i = factors.index(1.0)
                 best_err[b] = before[i * rows : (i + 1) * rows]

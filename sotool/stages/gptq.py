@@ -49,11 +49,12 @@ class GPTQParams(QuantParams):
         description="grid range: plain min/max, the MSE-best shrunk range, or auto: mse for "
         "groups, minmax per channel (where a clipped row costs more than GPTQ recovers)",
     )
-    refit: int = Field(
-        1,
+    refit: int | None = Field(
+        None,
         ge=0,
         description="sweeps followed by a least-squares refit of each row's scales to its "
-        "codes, each sweep on the best grids so far; 0 = plain GPTQ",
+        "codes, each sweep on the best grids so far; 0 = plain GPTQ; default: 1 with "
+        "sequential Hessians, 0 from the cache (fast sweeps)",
     )
     shrink: list[float] | None = Field(
         None,
@@ -86,6 +87,11 @@ class GPTQParams(QuantParams):
         if v is not None and (not v or any(not 0 < x <= 2 for x in v)):
             raise ValueError("shrink: give factors in (0, 2], e.g. [1, 0.9, 0.8]")
         return v
+
+    def refit_rounds(self) -> int:
+        if self.refit is not None:
+            return self.refit
+        return 1 if self.hessians == "sequential" else 0
 
     def shrink_for(self, spec: QuantSpec) -> tuple[float, ...]:
         if self.shrink is not None:
@@ -138,7 +144,7 @@ def solve_batch(
         w,
         h,
         spec,
-        rounds=params.refit,
+        rounds=params.refit_rounds(),
         shrink=params.shrink_for(spec),
         block_size=params.block_size,
         damp=params.damp,
@@ -233,7 +239,7 @@ def solve_cached(
     jobs = []
     for (spec, r, c), probs in shapes.items():
         per = 4 * (3 * r * c + 3 * c * c)  # W, its result, codes; raw and scratch H
-        if params.refit:  # + the originals, W·H and the stacked candidate rows
+        if params.refit_rounds():  # + the originals, W·H and the stacked candidate rows
             per = 4 * (3 * c * c + r * c * (4 + 2 * len(params.shrink_for(spec))))
         jobs += [(spec, chunk) for chunk in _batches(probs, per, params.batch_bytes)]
     for spec, chunk in jobs:
