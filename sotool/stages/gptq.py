@@ -26,9 +26,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from sotool.algos.gptq import GPTQResult, gptq_refit_batch, layer_error
+from sotool.algos.gptq import GPTQResult, gptq_refit_batch, row_errors
 from sotool.algos.hessian import normalize
-from sotool.algos.quant import QuantResult, QuantSpec, rtn
+from sotool.algos.quant import QuantResult, QuantSpec, quantize, rtn
 from sotool.memory import release
 from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.registry import register_stage
@@ -170,9 +170,7 @@ def solve_batch(
                 g_err = float(res.row_objective[sl].sum())
                 r_err = float(res.rtn_row_objective[sl].sum())
             else:
-                base = rtn(wi * keep[n].to(wi.device) if keep is not None else wi, spec)
-                g_err = layer_error(wi, qi.weight, h)
-                r_err = layer_error(wi, base.weight, h)
+                g_err, r_err = _objectives(wi, qi, h, spec, None if keep is None else keep[n])
             out[n] = qi
             rows.append(
                 {
@@ -194,6 +192,29 @@ def solve_batch(
                 }
             )
     return out, rows
+
+
+def _objectives(
+    w: torch.Tensor,
+    res: QuantResult,
+    h: torch.Tensor,
+    spec: QuantSpec,
+    keep: torch.Tensor | None,
+) -> tuple[float, float]:
+    """GPTQ's and RTN's layer objectives (RTN on the same grid), in one product."""
+    wk = w if keep is None else w * keep.to(w.device)
+    static = torch.equal(
+        res.g_idx.long(), torch.arange(w.shape[1], device=w.device) // spec.group_cols(w.shape[1])
+    )
+    if static:  # the solver's grid was fitted before the sweep: round to it
+        gi = res.g_idx.long()
+        s, z = res.scale[:, gi], res.zero[:, gi]
+        base = s * (quantize(wk, s, z, spec.maxq) - z)
+    else:  # grids fitted during the sweep: RTN fits its own
+        base = rtn(wk, spec).weight
+    both = row_errors(torch.cat([w, w]), torch.cat([res.weight, base]), h)
+    n = w.shape[0]
+    return float(both[:n].sum()), float(both[n:].sum())
 
 
 def _batches(items: list[Any], per_item_bytes: int, budget: int) -> list[list[Any]]:
