@@ -28,6 +28,7 @@ from sotool.algos.quant import (
     fit_groups,
     fit_qparams,
     quantize,
+    rtn,
 )
 
 
@@ -161,6 +162,26 @@ def _factor(H: torch.Tensor, damp: float, act_order: bool) -> _Factored:
     return _Factored(perm, u, lam, retries, failed, dead)
 
 
+def _prepare(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    keep: torch.Tensor | None,
+    damp: float,
+    act_order: bool,
+    consume: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, _Factored]:
+    """W (float32, pruned entries and dead columns zeroed, column order), the keep mask
+    on W's device, and H's factor (H itself is consumed)."""
+    W, H = working_copies(w, h, consume)
+    if keep is not None:
+        keep = keep.to(W.device, torch.bool)
+        W = W * keep
+    fac = _factor(H, damp, act_order)
+    del H
+    W.masked_fill_(fac.dead[:, None, :], 0.0)
+    return W, keep, fac
+
+
 def _sweep(
     W: torch.Tensor,
     fac: _Factored,
@@ -239,8 +260,7 @@ def _results(
     g_idx: torch.Tensor,
     fac: _Factored,
 ) -> list[GPTQResult]:
-    """Codes back in column order, one GPTQResult per layer."""
-    codes = _take_cols(codes, torch.argsort(fac.perm, dim=-1))
+    """One GPTQResult per layer from codes in column order."""
     out = []
     for b in range(codes.shape[0]):
         out.append(
@@ -291,15 +311,9 @@ def gptq_batch(
     Returns:
         One GPTQResult per layer.
     """
-    W, H = working_copies(w, h, consume)
+    W, keep, fac = _prepare(w, h, keep, damp, act_order, consume)
     B, rows, cols = W.shape
     dev = W.device
-    if keep is not None:
-        keep = keep.to(dev, torch.bool)
-        W = W * keep
-    fac = _factor(H, damp, act_order)
-    del H
-    W.masked_fill_(fac.dead[:, None, :], 0.0)
     gs = spec.group_cols(cols)
     grouped = spec.group_size > 0
     fixed_grid = not grouped or static_groups  # every column's grid is known up front
@@ -317,7 +331,7 @@ def gptq_batch(
     if grouped and act_order and not static_groups:  # column at position j is in group j//gs
         pos_group = (torch.arange(cols, device=dev) // gs).to(torch.int32).repeat(B, 1)
         g_idx.scatter_(1, fac.perm, pos_group)
-    return _results(codes, scale, zero, g_idx, fac)
+    return _results(_take_cols(codes, torch.argsort(fac.perm, dim=-1)), scale, zero, g_idx, fac)
 
 
 def gptq(
@@ -412,9 +426,8 @@ def refit_scales(
     new = torch.where(empty, old, new)
 
     def objective_part(s: torch.Tensor) -> torch.Tensor:  # f(s) − wᵀHw
-        return -2 * (s * b).sum(-1) + (s.unsqueeze(-2) @ a @ s.unsqueeze(-1)).squeeze(-1).squeeze(
-            -1
-        )
+        quad = (s.unsqueeze(-2) @ a @ s.unsqueeze(-1)).reshape(rows)
+        return quad - 2 * (s * b).sum(-1)
 
     whw = (wh * w).sum(-1, dtype=torch.float64)
     before = whw + objective_part(old)
@@ -494,20 +507,14 @@ def gptq_refit_batch(
             r.scale, _, _ = refit_scales(w[b], h[b], r.codes, r.scale, r.zero, r.g_idx)
             r.weight = dequant_groups(r.codes, r.scale, r.zero, r.g_idx)
         return res
-    W0, H = working_copies(w, h, consume=False)
-    if keep is not None:
-        keep = keep.to(W0.device, torch.bool)
-        W0 = W0 * keep
-    fac = _factor(H, damp, act_order)
-    del H
-    W0.masked_fill_(fac.dead[:, None, :], 0.0)
+    W0, keep, fac = _prepare(w, h, keep, damp, act_order, consume=False)
+    scale, zero = fit_groups(W0, spec)
+    first_scale = scale.clone()
     Wp = _take_cols(W0, fac.perm)  # sweep order
     del W0
     kp = None if keep is None else _take_cols(keep, fac.perm)
     g_idx = torch.arange(cols, device=Wp.device) // spec.group_cols(cols)
     wh = [w[b].float() @ h[b].float() for b in range(B)]  # the same every round
-    scale, zero = fit_groups(_take_cols(Wp, torch.argsort(fac.perm, dim=-1)), spec)
-    first_scale = scale.clone()
     codes = torch.empty(B, rows, cols, dtype=torch.uint8, device=Wp.device)
     best_err = torch.full((B, rows), math.inf, dtype=torch.float64, device=Wp.device)
     for rnd in range(rounds):
@@ -549,11 +556,33 @@ def gptq_refit_batch(
             scale[b] = torch.where(better[:, None], new_s[sel], scale[b])
             best_err[b] = torch.where(better, picked, best_err[b])
     gi = g_idx.to(torch.int32).repeat(B, 1)
-    out = _results(_take_cols(codes, fac.perm), scale, zero, gi, fac)
-    for b, r in enumerate(out):  # exact objectives, GPTQ's and RTN's, in one product
-        wb = w[b].float() if keep is None else w[b].float() * keep[b]
-        s0, z0 = first_scale[b][:, g_idx], zero[b][:, g_idx]
-        base = s0 * (quantize(wb, s0, z0, spec.maxq) - z0)
-        both = row_errors(torch.cat([w[b], w[b]]), torch.cat([r.weight, base]), h[b])
-        r.row_objective, r.rtn_row_objective = both[:rows], both[rows:]
+    out = _results(codes, scale, zero, gi, fac)
+    for b, r in enumerate(out):  # RTN on the first grid, before shrinking and refits
+        grid = (first_scale[b], zero[b], gi[b])
+        mask = None if keep is None else keep[b]
+        r.row_objective, r.rtn_row_objective = objectives(w[b], r.weight, h[b], spec, grid, mask)
     return out
+
+
+def objectives(
+    w: torch.Tensor,
+    w_hat: torch.Tensor,
+    h: torch.Tensor,
+    spec: QuantSpec,
+    grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's layer objective for the solution w_hat and for round-to-nearest, in
+    one product: RTN rounds to `grid` (scale, zero, g_idx) when given, else fits its own;
+    pruned entries (keep False) stay zero in it."""
+    wk = w.float() if keep is None else w.float() * keep.to(w.device)
+    if grid is None:
+        base = rtn(wk, spec).weight
+    else:
+        scale, zero, g_idx = grid
+        gi = g_idx.long()
+        s, z = scale[:, gi], zero[:, gi]
+        base = s * (quantize(wk, s, z, spec.maxq) - z)
+    both = row_errors(torch.cat([w, w]), torch.cat([w_hat, base]), h)
+    n = w.shape[0]
+    return both[:n], both[n:]

@@ -26,9 +26,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from sotool.algos.gptq import GPTQResult, gptq_refit_batch, row_errors
+from sotool.algos.gptq import GPTQResult, gptq_refit_batch, objectives
 from sotool.algos.hessian import normalize
-from sotool.algos.quant import QuantResult, QuantSpec, quantize, rtn
+from sotool.algos.quant import QuantResult, QuantSpec
 from sotool.memory import release
 from sotool.models.blocks import find_blocks, weight_matrix
 from sotool.registry import register_stage
@@ -201,20 +201,14 @@ def _objectives(
     spec: QuantSpec,
     keep: torch.Tensor | None,
 ) -> tuple[float, float]:
-    """GPTQ's and RTN's layer objectives (RTN on the same grid), in one product."""
-    wk = w if keep is None else w * keep.to(w.device)
+    """GPTQ's and RTN's layer objectives; RTN on the solver's grid when it was fitted
+    before the sweep (static groups or per channel)."""
     static = torch.equal(
         res.g_idx.long(), torch.arange(w.shape[1], device=w.device) // spec.group_cols(w.shape[1])
     )
-    if static:  # the solver's grid was fitted before the sweep: round to it
-        gi = res.g_idx.long()
-        s, z = res.scale[:, gi], res.zero[:, gi]
-        base = s * (quantize(wk, s, z, spec.maxq) - z)
-    else:  # grids fitted during the sweep: RTN fits its own
-        base = rtn(wk, spec).weight
-    both = row_errors(torch.cat([w, w]), torch.cat([res.weight, base]), h)
-    n = w.shape[0]
-    return float(both[:n].sum()), float(both[n:].sum())
+    grid = (res.scale, res.zero, res.g_idx) if static else None
+    g, r = objectives(w, res.weight, h, spec, grid, keep)
+    return float(g.sum()), float(r.sum())
 
 
 def _batches(items: list[Any], per_item_bytes: int, budget: int) -> list[list[Any]]:
