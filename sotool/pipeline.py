@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,12 @@ from safetensors.torch import load_file
 
 from sotool import __version__
 from sotool.errors import SotoolError
-from sotool.memory import freeze_heap, release
+from sotool.memory import freeze_heap, page_out, release
 from sotool.models.loading import ModelRef, load_model, load_tokenizer, resolve_model
 from sotool.progress import make_progress
 from sotool.recipe import LoadedRecipe, StageEntry
 from sotool.rundir import RunDir, content_key, read_json, write_json
-from sotool.tensorio import iter_shards, save_shards
+from sotool.tensorio import ShardWriter, iter_file, iter_shards, save_shards
 
 WEIGHTS = "weights"  # stem of the shards holding a stage's new weights
 
@@ -108,14 +108,57 @@ def apply_weights(
     model: torch.nn.Module,
     tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
 ) -> None:
-    """Copy named tensors (state_dict names) into the model's parameters in place."""
+    """Point the model's parameters (state_dict names) at the given tensors.
+
+    Tensors read from safetensors shards stay views of their file, so a weight costs
+    memory only while it is being used; the pages of the weights they replace are handed
+    back at once (`page_out`). Tied parameters change together.
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
     items = tensors.items() if isinstance(tensors, dict) else tensors
     with torch.no_grad():
         for name, t in items:
-            if name not in params:
+            p = params.get(name)
+            if p is None:
                 raise SotoolError(f"saved weight {name!r} does not exist in the model")
-            params[name].copy_(t.to(params[name].dtype))
+            if tuple(t.shape) != tuple(p.shape):
+                raise SotoolError(
+                    f"saved weight {name!r} has shape {tuple(t.shape)}, the model's "
+                    f"{tuple(p.shape)}: the run directory belongs to another model"
+                )
+            old = p.data
+            p.data = t.to(p.device, p.dtype)
+            if old.data_ptr() != p.data.data_ptr():
+                page_out([old])
+
+
+class WeightSpill:
+    """A stage's new weights, written to its folder as they come (`weights-*` shards)
+    and mapped back from there, so the modified model never holds more than one shard
+    of them in ordinary memory. Each weight is set at most once per stage."""
+
+    def __init__(self, model: torch.nn.Module, folder: Path) -> None:
+        self.model = model
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.writer = ShardWriter(
+            folder, WEIGHTS, on_flush=lambda path: apply_weights(model, iter_file(path))
+        )
+        self.names: set[str] = set()
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            p = self.params.get(name)
+            if p is None:
+                raise SotoolError(f"new weight {name!r} does not exist in the model")
+            if name in self.names:
+                raise ValueError(f"weight {name!r} set twice in one stage")
+            self.names.add(name)
+            owned = t.detach().to("cpu", p.dtype, copy=True).contiguous()
+            apply_weights(self.model, {name: owned})  # seen by the model now
+            self.writer.add(name, owned, copy=False)  # a full shard is mapped back
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class StageContext:
@@ -138,7 +181,7 @@ class StageContext:
         self.console = runner.console
         self.device = runner.device
         self.seed = runner.loaded.recipe.seed
-        self._new_weights: list[str] = []
+        self._spill: WeightSpill | None = None
 
     # data -----------------------------------------------------------------
     def find(self, name: str) -> StageRecord | None:
@@ -176,21 +219,21 @@ class StageContext:
         return self.runner.session.tokenizer()
 
     def set_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Record new weights (state_dict names); applied to the in-memory model now and
-        saved with the stage."""
-        apply_weights(self.runner.session.model(self.upstream), tensors)
-        self._new_weights += [k for k in tensors if k not in self._new_weights]
+        """New weights (state_dict names, each at most once per stage): the in-memory
+        model uses them now; they are saved with the stage as they come."""
+        if self._spill is None:
+            self._spill = WeightSpill(self.runner.session.model(self.upstream), self.out_dir)
+        self._spill.add(tensors)
 
     def progress(self, description: str, total: int | None) -> Any:
         return self.runner.progress_task(description, total)
 
-    def changed_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors given to `set_weights`, read back from the model (no copies kept)."""
-        params = dict(
-            self.runner.session.model(self.upstream).named_parameters(remove_duplicate=False)
-        )
-        for k in self._new_weights:
-            yield k, params[k]
+    def save_weights(self) -> None:
+        """Write what is left of the new weights (an empty shard when there are none)."""
+        if self._spill is None:
+            save_shards({}, self.out_dir, WEIGHTS)
+        else:
+            self._spill.close()
 
 
 class Runner:
@@ -324,7 +367,7 @@ class Runner:
                 self.session.drop()  # the in-memory model may be half-modified
                 raise
             if entry.spec.modifies_weights:
-                save_shards(ctx.changed_weights(), tmp, WEIGHTS)
+                ctx.save_weights()
                 self.session.adopt(key)
             seconds = time.perf_counter() - t0
             release()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sotool.errors import SotoolError
-from sotool.memory import release
+from sotool.memory import page_out, release
 
 # Where the ModuleList of transformer blocks lives, per architecture family.
 BLOCK_PATHS = [
@@ -349,6 +349,8 @@ def iterate_blocks(
         release()
         if device.type != "cpu":
             block.to("cpu")
+        else:  # done with: its weights need not stay in memory (see page_out)
+            page_out(p.detach() for p in block.parameters())
         if on_block:
             on_block(i + 1, n)
     if device.type != "cpu":

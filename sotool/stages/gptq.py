@@ -73,7 +73,7 @@ class GPTQParams(QuantParams):
         True, description="sequential mode: groups inside a block see earlier groups quantized"
     )
     batch_bytes: int = Field(
-        256 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
+        128 * 2**20, gt=0, description="memory for solving same-shape layers together (cache)"
     )
     allocation: Literal["auto", "off"] = Field(
         "auto",
