@@ -28,7 +28,7 @@ from sotool.models.loading import ModelRef, load_model, load_tokenizer, resolve_
 from sotool.progress import make_progress
 from sotool.recipe import LoadedRecipe, StageEntry
 from sotool.rundir import RunDir, content_key, read_json, write_json
-from sotool.tensorio import ShardWriter, iter_file, iter_shards, save_shards
+from sotool.tensorio import SHARD_BYTES, ShardWriter, iter_file, iter_shards, save_shards
 
 WEIGHTS = "weights"  # stem of the shards holding a stage's new weights
 
@@ -137,11 +137,16 @@ class WeightSpill:
     and mapped back from there, so the modified model never holds more than one shard
     of them in ordinary memory. Each weight is set at most once per stage."""
 
-    def __init__(self, model: torch.nn.Module, folder: Path) -> None:
+    def __init__(
+        self, model: torch.nn.Module, folder: Path, shard_bytes: int = SHARD_BYTES
+    ) -> None:
         self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.writer = ShardWriter(
-            folder, WEIGHTS, on_flush=lambda path: apply_weights(model, iter_file(path))
+            folder,
+            WEIGHTS,
+            shard_bytes=shard_bytes,
+            on_flush=lambda path: apply_weights(model, iter_file(path)),
         )
         self.names: set[str] = set()
 
