@@ -34,11 +34,11 @@ def perplexity(
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size].to(device)
-        logits = _logits(model, ids).float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
+        logits = _logits(model, ids)
+        for j in range(ids.shape[0]):  # one window at a time: log-softmax of one (T × V)
+            nll = F.cross_entropy(logits[j, :-1].float(), ids[j, 1:], reduction="sum")
+            total += float(nll)
+        del logits
         count += ids[:, 1:].numel()
         if on_batch:
             on_batch(ids.shape[0])
