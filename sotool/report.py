@@ -19,8 +19,8 @@ LAYER_COLUMNS = {
     "bits": ("bits", "{}"),
     "group_size": ("group", "{}"),
     "h_trace": ("tr(H)", "{:.3g}"),
-    "gptq_loss": ("gptq loss", "{:.4g}"),
-    "rtn_loss": ("rtn loss", "{:.4g}"),
+    "gptq_loss": ("gptq loss", "{:.3g}"),
+    "rtn_loss": ("rtn loss", "{:.3g}"),
     "pattern": ("pattern", "{}"),
     "sparsity": ("sparsity", "{:.3f}"),
     "obs_loss": ("obs loss", "{:.3g}"),
@@ -31,7 +31,7 @@ LAYER_COLUMNS = {
 }
 
 
-CONSTANT_IN_TITLE = ("pattern",)
+CONSTANT_IN_TITLE = ("pattern", "bits", "group_size", "damp")
 
 
 def short_layer(name: str) -> str:

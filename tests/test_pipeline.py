@@ -257,3 +257,39 @@ def test_stages_and_validate_and_report(tiny_models, write_recipe, tmp_path):
     assert {"layer", "gptq_loss", "rtn_loss", "ratio", "damp", "h_trace", "seconds"} <= set(rows[0])
     table = cli("report", str(tmp_path / "run"), "--top", "3")
     assert table.exit_code == 0 and "gptq loss" in table.stdout
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_layer_table_fits_100_columns(mixed):
+    """SmolLM2-sized names and values, uniform or mixed grids: nothing cut, ≤ 100 wide."""
+    from rich.console import Console
+
+    from sotool.report import layer_table
+
+    rows = []
+    for i, (kind, shape) in enumerate(
+        [("self_attn.q_proj", [576, 576]), ("mlp.down_proj", [576, 1536])] * 3
+    ):
+        rows.append(
+            {
+                "layer": f"model.layers.{10 + i}.{kind}",
+                "shape": shape,
+                "bits": 2 + i % 3 if mixed else 4,
+                "group_size": [32, 64, 128][i % 3] if mixed else 128,
+                "h_trace": 12345.678 * (i + 1),
+                "gptq_loss": 1234.5678 / (i + 1),
+                "rtn_loss": 28934.123 * (i + 1),
+                "ratio": 0.0427 * (i + 1),
+                "damp": 0.01,
+                "seconds": 0.291,
+            }
+        )
+    console = Console(width=100, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(layer_table(rows, "gptq: per layer", "gptq_loss", None))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text
+    assert "11.mlp.down_proj" in text and "2.89e+04" in text and "λ 0.01" in text
+    header = next(line for line in text.splitlines() if "layer" in line and "ratio" in line)
+    assert ("bits" in header) == mixed  # a constant grid is said in the title
+    assert ("bits 4, group 128" in text) == (not mixed)
