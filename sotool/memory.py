@@ -44,8 +44,8 @@ def page_out(tensors: Iterable[torch.Tensor]) -> None:
     has written to, and ordinary heap memory, stay: nothing is ever lost. Only the pages
     lying wholly inside a tensor are touched, never a neighbour's.
     """
-    libc = _libc()
-    if libc is None:
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
         return
     for t in tensors:
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
@@ -54,10 +54,7 @@ def page_out(tensors: Iterable[torch.Tensor]) -> None:
         lo = -(-start // PAGE) * PAGE
         hi = (start + t.numel() * t.element_size()) // PAGE * PAGE
         if hi > lo:
-            try:
-                libc.madvise(lo, hi - lo, MADV_PAGEOUT)
-            except AttributeError:
-                return
+            madvise(lo, hi - lo, MADV_PAGEOUT)
 
 
 def release(collect: bool = True) -> None:

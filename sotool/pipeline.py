@@ -116,20 +116,28 @@ def apply_weights(
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     items = tensors.items() if isinstance(tensors, dict) else tensors
-    with torch.no_grad():
-        for name, t in items:
-            p = params.get(name)
-            if p is None:
-                raise SotoolError(f"saved weight {name!r} does not exist in the model")
-            if tuple(t.shape) != tuple(p.shape):
-                raise SotoolError(
-                    f"saved weight {name!r} has shape {tuple(t.shape)}, the model's "
-                    f"{tuple(p.shape)}: the run directory belongs to another model"
-                )
-            old = p.data
-            p.data = t.to(p.device, p.dtype)
-            if old.data_ptr() != p.data.data_ptr():
-                page_out([old])
+    for name, t in items:
+        _point(params, name, t)
+
+
+def _param(params: dict[str, torch.nn.Parameter], name: str) -> torch.nn.Parameter:
+    p = params.get(name)
+    if p is None:
+        raise SotoolError(f"saved weight {name!r} does not exist in the model")
+    return p
+
+
+def _point(params: dict[str, torch.nn.Parameter], name: str, t: torch.Tensor) -> None:
+    p = _param(params, name)
+    if tuple(t.shape) != tuple(p.shape):
+        raise SotoolError(
+            f"saved weight {name!r} has shape {tuple(t.shape)}, the model's "
+            f"{tuple(p.shape)}: the run directory belongs to another model"
+        )
+    old = p.data
+    p.data = t.to(p.device, p.dtype)
+    if old.data_ptr() != p.data.data_ptr():
+        page_out([old])
 
 
 class WeightSpill:
@@ -140,26 +148,22 @@ class WeightSpill:
     def __init__(
         self, model: torch.nn.Module, folder: Path, shard_bytes: int = SHARD_BYTES
     ) -> None:
-        self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
-        self.writer = ShardWriter(
-            folder,
-            WEIGHTS,
-            shard_bytes=shard_bytes,
-            on_flush=lambda path: apply_weights(model, iter_file(path)),
-        )
+        self.writer = ShardWriter(folder, WEIGHTS, shard_bytes=shard_bytes, on_flush=self._map)
         self.names: set[str] = set()
+
+    def _map(self, path: Path) -> None:  # a written shard replaces the copies it holds
+        for name, t in iter_file(path):
+            _point(self.params, name, t)
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
-            p = self.params.get(name)
-            if p is None:
-                raise SotoolError(f"new weight {name!r} does not exist in the model")
+            p = _param(self.params, name)
             if name in self.names:
                 raise ValueError(f"weight {name!r} set twice in one stage")
             self.names.add(name)
             owned = t.detach().to("cpu", p.dtype, copy=True).contiguous()
-            apply_weights(self.model, {name: owned})  # seen by the model now
+            _point(self.params, name, owned)  # seen by the model now
             self.writer.add(name, owned, copy=False)  # a full shard is mapped back
 
     def close(self) -> None:

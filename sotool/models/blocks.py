@@ -350,7 +350,7 @@ def iterate_blocks(
         if device.type != "cpu":
             block.to("cpu")
         else:  # done with: its weights need not stay in memory (see page_out)
-            page_out(p.detach() for p in block.parameters())
+            page_out(block.parameters())
         if on_block:
             on_block(i + 1, n)
     if device.type != "cpu":

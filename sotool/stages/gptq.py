@@ -159,9 +159,9 @@ def solve_batch(
     rows: list[dict[str, Any]] = []
     total_rows = len(problems) * rows_per
     for (layers, raw, count), wl, res in zip(problems, ws, results, strict=True):
-        h = normalize(raw.to(device), count)
         parts = _split(res, [x.shape[0] for x in wl])
-        trace = float(h.diagonal().sum())
+        trace = float((raw.diagonal() / max(count, 1)).sum())  # tr(H), H = Σxxᵀ / n
+        h = None  # normalised only when the solver did not report the objectives
         start = 0
         for n, wi, qi in zip(layers, wl, parts, strict=True):
             sl = slice(start, start + wi.shape[0])
@@ -170,6 +170,8 @@ def solve_batch(
                 g_err = float(res.row_objective[sl].sum())
                 r_err = float(res.rtn_row_objective[sl].sum())
             else:
+                if h is None:
+                    h = normalize(raw.to(device), count)
                 g_err, r_err = _objectives(wi, qi, h, spec, None if keep is None else keep[n])
             out[n] = qi
             rows.append(
